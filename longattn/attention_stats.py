@@ -17,6 +17,8 @@ import math
 
 import torch
 
+LOG2E = 1.4426950408889634
+
 __all__ = [
     "default_min_distance",
     "far_attention_stats",
@@ -59,12 +61,12 @@ def far_attention_stats(
     n_valid = length if n_valid is None else n_valid
     s1 = torch.zeros(n_heads, dtype=torch.float64, device=q.device)
     s2 = torch.zeros_like(s1)
-    scale = 1.0 / math.sqrt(dim)
+    # Scores in log2 units: exp2 is several times faster than exp on CPU and exactly as accurate.
+    # Scaling q (not the scores) saves a pass over every strip.
+    scale = LOG2E / math.sqrt(dim)
     for g in range(n_kv):
-        # Scaling q (not the scores) saves a pass over each strip; for d = 64 it is exact (1/8).
-        qg = q[g * group : (g + 1) * group].float() * scale
-        kg = k[g].float()
-        a1, a2 = _group_moments(qg, kg, kmin, n_valid, block_size)
+        qg = (q[g * group : (g + 1) * group].float() * scale).transpose(0, 1).contiguous()  # [L, G, d]
+        a1, a2 = _group_moments(qg, k[g].float(), kmin, n_valid, block_size)
         s1[g * group : (g + 1) * group] = a1
         s2[g * group : (g + 1) * group] = a2
     ds = s1 / length
@@ -75,34 +77,40 @@ def far_attention_stats(
 def _group_moments(
     qg: torch.Tensor, kg: torch.Tensor, kmin: int, n_valid: int, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over far rows of (far mass, far sum of squares) for the query heads sharing one key head."""
-    group, length, _ = qg.shape
+    """Sums over far rows of (far mass, far sum of squares) for the G query heads sharing one key head.
+
+    qg: [L, G, d] (pre-scaled), kg: [L, d]. Each block of rows is one 2-D matmul of (rows x G) queries,
+    twice as fast on CPU as a batched one.
+    """
+    length, group, dim = qg.shape
     s1 = torch.zeros(group, dtype=torch.float64, device=qg.device)
     s2 = torch.zeros_like(s1)
     # Rows n < k have no far keys, so they are skipped entirely.
     for r0 in range(kmin, length, block):
         r1 = min(r0 + block, length)
         kend = min(r1, n_valid)  # keys any row of this block may see
-        s = torch.matmul(qg[:, r0:r1], kg[:kend].T)  # [G, rows, kend]
+        s = torch.mm(qg[r0:r1].reshape(-1, dim), kg[:kend].T)  # [(rows x G), kend]
+        s3 = s.view(r1 - r0, group, kend)
+        rows = torch.arange(r0, r1, device=s.device)[:, None, None]
         if kend > r0:  # the diagonal block needs the causal mask
-            row = torch.arange(r0, r1, device=s.device)[:, None]
-            col = torch.arange(r0, kend, device=s.device)[None, :]
-            s[:, :, r0:kend].masked_fill_(col > row, float("-inf"))
-        s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
-        total = s.sum(dim=-1, dtype=torch.float64)  # [G, rows]
+            cols = torch.arange(r0, kend, device=s.device)
+            s3[:, :, r0:kend].masked_fill_(cols > rows, float("-inf"))
+        s.sub_(s.amax(dim=-1, keepdim=True))
+        torch.special.exp2(s, out=s)
+        # Row sums in fp32 (cascade summation, ~1e-7 relative); everything across rows in float64.
+        total = s.sum(dim=-1).double()
         # Far keys of row n are [0, min(n - k + 1, n_valid)): a prefix common to the block plus a band.
         c_lo = min(r0 - kmin + 1, n_valid)
         c_hi = min(r1 - kmin, n_valid)
-        far = s[:, :, :c_hi]
         if c_hi > c_lo:
-            row = torch.arange(r0, r1, device=s.device)[:, None]
-            col = torch.arange(c_lo, c_hi, device=s.device)[None, :]
-            far[:, :, c_lo:c_hi].masked_fill_(col > row - kmin, 0.0)
-        far_sum = far.sum(dim=-1, dtype=torch.float64)
-        far_sq = far.square().sum(dim=-1, dtype=torch.float64)
-        s1 += (far_sum / total).sum(dim=-1)
-        s2 += (far_sq / (total * total)).sum(dim=-1)
-        del s, far
+            cols = torch.arange(c_lo, c_hi, device=s.device)
+            s3[:, :, c_lo:c_hi].masked_fill_(cols > rows - kmin, 0.0)
+        far = s[:, :c_hi]
+        far_sum = far.sum(dim=-1).double()
+        far_sq = far.square().sum(dim=-1).double()
+        s1 += (far_sum / total).view(r1 - r0, group).sum(dim=0)
+        s2 += (far_sq / (total * total)).view(r1 - r0, group).sum(dim=0)
+        del s, s3, far
     return s1, s2
 
 

@@ -59,7 +59,8 @@ class ModelConfig:
     gguf_file: str | None = None
     """GGUF file name inside ``path`` (a directory) or inside ``package``."""
     tokenizer: str | None = None
-    """Tokenizer directory or GGUF file; null = the model's own. Required for ``random``."""
+    """Tokenizer directory or GGUF file; ``package`` = the GGUF file ``package`` ships; null = the model's own.
+    Required for ``random``."""
     rope_theta: float | None = None
     """Override of RoPE base frequency (the reference scores LLaMA-3.1 with 2.5e6); null keeps the checkpoint's."""
     dtype: str = "float32"

