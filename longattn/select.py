@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -11,6 +12,8 @@ from longattn.config import SelectRunConfig, register_configs, validate
 
 log = logging.getLogger("longattn.select")
 register_configs()
+# An absolute path: the entry point must find conf/ from any working directory.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def to_schema(cfg: DictConfig) -> SelectRunConfig:
@@ -21,10 +24,8 @@ def to_schema(cfg: DictConfig) -> SelectRunConfig:
     return run_cfg
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="select")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="select")
 def main(cfg: DictConfig) -> None:
-    from pathlib import Path
-
     from longattn.pipeline import run_select
     from longattn.summary import print_summary
 
