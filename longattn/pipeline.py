@@ -72,6 +72,11 @@ def _score_all(cfg: SelectRunConfig, out_dir: Path, timing: dict[str, float]) ->
 
     skipped: Counter = Counter()
     journal = JsonlAppender(out_dir / "scores.partial.jsonl")
+    # Timing survives restarts, so metrics.json of a resumed run still reports the whole scoring cost.
+    clock = out_dir / "scores.partial.timing.json"
+    if clock.exists() and journal.done:
+        for key, val in json.loads(clock.read_text()).items():
+            timing[key] += val
     scorer = None
     batch: list[dict[str, Any]] = []
     bar = tqdm(desc="score", unit="win", mininterval=2.0, disable=None)
@@ -82,6 +87,7 @@ def _score_all(cfg: SelectRunConfig, out_dir: Path, timing: dict[str, float]) ->
         timing["score_seconds"] += time.perf_counter() - t0
         timing["windows"] += len(rows)
         journal.write_many(rows)
+        write_json(clock, {k: timing[k] for k in ("score_seconds", "windows", "load_seconds")})
         bar.update(len(rows))
         batch.clear()
 
@@ -90,7 +96,7 @@ def _score_all(cfg: SelectRunConfig, out_dir: Path, timing: dict[str, float]) ->
             continue
         if scorer is None:  # lazily, so a finished run resumes without loading the model
             scorer = build_scorer(cfg.scorer, cfg.model, cfg.window.length)
-            timing["load_seconds"] = scorer.load_seconds
+            timing["load_seconds"] += scorer.load_seconds
         batch.append(w)
         if len(batch) >= cfg.scorer.batch_size:
             flush()
@@ -99,6 +105,35 @@ def _score_all(cfg: SelectRunConfig, out_dir: Path, timing: dict[str, float]) ->
     bar.close()
     journal.close()
     return skipped
+
+
+def check_fingerprint(out_dir: Path, name: str, fields: dict[str, Any]) -> None:
+    """Refuse to resume from outputs made with a different config (they would be silently mixed)."""
+    path = out_dir / f"{name}.fingerprint.json"
+    fields = json.loads(json.dumps(fields, default=str))
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in fields.items() if old.get(k) != v]
+        if diff:
+            raise RuntimeError(
+                f"out_dir={out_dir} holds {name} outputs made with another config ({'; '.join(diff)}): "
+                f"use a new out_dir, or delete {path.parent / name}* to redo them")
+    else:
+        write_json(path, fields)
+
+
+def _fingerprints(cfg: SelectRunConfig, out_dir: Path) -> None:
+    from dataclasses import asdict
+
+    data = {"data.paths": list(cfg.data.paths), "data.preprocessed": cfg.data.preprocessed,
+            "data.text_key": cfg.data.text_key, "data.category": cfg.data.category}
+    window = {f"window.{k}": v for k, v in asdict(cfg.window).items() if k not in ("workers", "batch_docs")}
+    model = {f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "device"}
+    scorer = {f"scorer.{k}": v for k, v in asdict(cfg.scorer).items() if k not in ("batch_size", "backend")}
+    if not cfg.data.preprocessed:
+        check_fingerprint(out_dir, "windows", {**data, **window, "tokenizer": model["model.tokenizer"] or
+                                               model["model.path"] or model["model.gguf_file"]})
+    check_fingerprint(out_dir, "scores", {**data, "window.length": cfg.window.length, **model, **scorer})
 
 
 # --- selection --------------------------------------------------------------------------------------
@@ -197,6 +232,7 @@ def run_select(cfg: SelectRunConfig, tokenizer_factory: Any = None) -> SelectRes
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timing = {"load_seconds": 0.0, "score_seconds": 0.0, "windows": 0, "preprocess_seconds": 0.0}
+    _fingerprints(cfg, out_dir)
     pre = _preprocess_once(cfg, out_dir, timing)
     skipped = _score_all(cfg, out_dir, timing)
     valid = {w["data_id"] for w in iter_windows(cfg, out_dir, Counter())}
