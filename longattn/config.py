@@ -89,20 +89,16 @@ class ModelConfig:
 
 
 @dataclass
-class LongAttnScorerConfig:
+class ScorerConfig:
+    """Base of every scorer's config (each scorer module declares its own subclass)."""
+
     name: str = "longattn"
-    """Scorer name (a registry key in ``longattn.scorers``)."""
-    input: str = "reference"
-    """``reference``: tokenise ``bos + ' ' + content`` with special tokens, pad/truncate to L with eos (the reference);
-    ``tokens``: score the window's own token ids (no re-tokenisation, no padding when exactly L)."""
-    min_distance: int | None = None
-    """Minimum token distance k; null = L - 3*(L//4), i.e. L/4 (the reference)."""
-    block_size: int = 128
-    """Query rows per block of the blockwise pass (memory O(L x block x group))."""
+    """Registry key of the scorer (``longattn.scorers``)."""
     batch_size: int = 1
-    """Windows per forward pass."""
-    backend: str = "auto"
-    """``auto`` | ``torch`` (blockwise) | ``naive`` (literal L x L, for checks only)."""
+    """Windows per scoring call."""
+
+    def validate(self, length: int) -> None:
+        """Scorer-specific checks; errors name the key to change."""
 
 
 @dataclass
@@ -132,7 +128,8 @@ class SelectRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    scorer: LongAttnScorerConfig = field(default_factory=LongAttnScorerConfig)
+    scorer: Any = MISSING
+    """The scorer's own config (its schema comes with the ``scorer=`` group: longattn, ...)."""
     select: SelectConfig = field(default_factory=SelectConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     out_dir: str = "runs/select"
@@ -148,8 +145,10 @@ def validate(cfg: SelectRunConfig) -> None:
     W = cfg.window.length
     if W < 8:
         raise ConfigError(f"window.length={W} is too small (at least 8 tokens)")
-    if W % 4 != 0 and cfg.scorer.min_distance is None:
-        raise ConfigError(f"window.length={W} must be divisible by 4 (k = L/4), or set scorer.min_distance")
+    try:
+        cfg.scorer.validate(W)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty: give input files, e.g. data.paths=[corpus.jsonl.gz]")
     if cfg.select.normalize not in ("zscore", "minmax"):
@@ -160,12 +159,6 @@ def validate(cfg: SelectRunConfig) -> None:
         raise ConfigError(f"select.tokens={cfg.select.tokens} must be positive")
     if cfg.select.fraction is not None and not 0.0 <= float(cfg.select.fraction) <= 1.0:
         raise ConfigError(f"select.fraction={cfg.select.fraction} must be in [0, 1]")
-    if cfg.scorer.input not in ("reference", "tokens"):
-        raise ConfigError(f"scorer.input={cfg.scorer.input!r}: use reference or tokens")
-    if cfg.scorer.backend not in ("auto", "torch", "naive"):
-        raise ConfigError(f"scorer.backend={cfg.scorer.backend!r}: use auto, torch or naive")
-    if cfg.scorer.block_size < 1:
-        raise ConfigError(f"scorer.block_size={cfg.scorer.block_size} must be >= 1")
     if cfg.model.source not in ("hf", "gguf", "random"):
         raise ConfigError(f"model.source={cfg.model.source!r}: use hf, gguf or random")
     if cfg.model.source == "hf" and not cfg.model.path:
@@ -180,4 +173,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="select_schema", node=SelectRunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="scorer", name="longattn_schema", node=LongAttnScorerConfig)
+    from longattn.scorers import SCORERS, _load_registry
+
+    _load_registry()
+    for name, (config_cls, _) in SCORERS.items():
+        cs.store(group="scorer", name=f"{name}_schema", node=config_cls)

@@ -68,7 +68,7 @@ def iter_windows(cfg: SelectRunConfig, out_dir: Path, skipped: Counter) -> Itera
 
 # --- scoring ----------------------------------------------------------------------------------------
 def _score_all(cfg: SelectRunConfig, out_dir: Path, timing: dict[str, float]) -> Counter:
-    from longattn.scorer import build_scorer
+    from longattn.scorers import build_scorer
 
     skipped: Counter = Counter()
     journal = JsonlAppender(out_dir / "scores.partial.jsonl")

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-
-from longattn.config import LongAttnScorerConfig, ModelConfig
-from longattn.scorer import LongAttnScorer, encode_reference
-
 from conftest import needs_smollm2, sample_records
+
+from longattn.config import ModelConfig
+from longattn.scorers.longattn import LongAttnScorer, LongAttnScorerConfig, encode_reference
 
 L = 96
 

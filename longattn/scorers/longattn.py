@@ -1,31 +1,51 @@
-"""Scorers turn windows into rows of statistics; the LongAttn scorer wraps the first-layer model.
-
-Adding a scorer is one class registered in ``SCORERS`` and one config file under ``conf/scorer/``.
-"""
+"""The LongAttn scorer: DS and Var of every query head of the first decoder layer (SPEC 1.2)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from longattn.attention_stats import far_attention_stats, naive_far_attention_stats
-from longattn.config import LongAttnScorerConfig, ModelConfig
+from longattn.config import ModelConfig, ScorerConfig
+from longattn.scorers import register_scorer, stats_row
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Scorer", "LongAttnScorer", "SCORERS", "build_scorer", "encode_reference"]
+__all__ = ["LongAttnScorerConfig", "LongAttnScorer", "encode_reference", "encode_tokens"]
 
 
-class Scorer(Protocol):
-    load_seconds: float
+@dataclass
+class LongAttnScorerConfig(ScorerConfig):
+    name: str = "longattn"
+    """Registry key of the scorer."""
+    input: str = "reference"
+    """``reference``: tokenise ``bos + ' ' + content`` with special tokens, pad/truncate to L with eos (the reference);
+    ``tokens``: score the window's own token ids (no re-tokenisation, no padding when exactly L)."""
+    min_distance: int | None = None
+    """Minimum token distance k; null = L - 3*(L//4), i.e. L/4 (the reference)."""
+    block_size: int = 128
+    """Query rows per block of the blockwise pass (memory O(L x block x group))."""
+    batch_size: int = 1
+    """Windows per forward pass."""
+    backend: str = "auto"
+    """``auto`` | ``torch`` (blockwise) | ``naive`` (literal L x L, for checks only)."""
 
-    def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Rows with at least ``data_id``, ``n_scored``, ``ds``, ``var`` for each window."""
-        ...
+    def validate(self, length: int) -> None:
+        if length % 4 != 0 and self.min_distance is None:
+            raise ValueError(f"window.length={length} must be divisible by 4 (k = L/4), or set scorer.min_distance")
+        if self.input not in ("reference", "tokens"):
+            raise ValueError(f"scorer.input={self.input!r}: use reference or tokens")
+        if self.backend not in ("auto", "torch", "naive"):
+            raise ValueError(f"scorer.backend={self.backend!r}: use auto, torch or naive")
+        if self.block_size < 1:
+            raise ValueError(f"scorer.block_size={self.block_size} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"scorer.batch_size={self.batch_size} must be >= 1")
 
 
 def encode_reference(tokenizer: Any, content: str, length: int) -> list[int]:
@@ -42,6 +62,7 @@ def encode_tokens(tokenizer: Any, content: str, length: int) -> list[int]:
     return tokenizer(content, add_special_tokens=False)["input_ids"][:length]
 
 
+@register_scorer("longattn", LongAttnScorerConfig)
 class LongAttnScorer:
     """DS and Var of every query head of the first decoder layer (SPEC 1.2)."""
 
@@ -104,27 +125,3 @@ class LongAttnScorer:
                 per_group[i].append(stats(q[i], k[i], min_distance=cfg.min_distance, n_valid=n))
             del q, k
         return [(torch.cat([d for d, _ in gs]), torch.cat([v for _, v in gs])) for gs in per_group]
-
-
-def stats_row(window: dict[str, Any], n_scored: int, ds: torch.Tensor, var: torch.Tensor) -> dict[str, Any]:
-    """A scores.jsonl row: per-head values and their means over heads (as the reference averages)."""
-    ds_h, var_h = ds.double().cpu(), var.double().cpu()
-    return {
-        "data_id": window["data_id"],
-        "category": window["category"],
-        "n_tokens": int(window.get("n_tokens") or n_scored),
-        "n_scored": n_scored,
-        "ds": float(ds_h.mean()),
-        "var": float(var_h.mean()),
-        "ds_heads": ds_h.tolist(),
-        "var_heads": var_h.tolist(),
-    }
-
-
-SCORERS: dict[str, Callable[..., Scorer]] = {"longattn": LongAttnScorer}
-
-
-def build_scorer(cfg: LongAttnScorerConfig, model_cfg: ModelConfig, length: int) -> Scorer:
-    if cfg.name not in SCORERS:
-        raise KeyError(f"scorer={cfg.name!r} is unknown; known: {sorted(SCORERS)}")
-    return SCORERS[cfg.name](cfg, model_cfg, length)
