@@ -86,6 +86,13 @@ class ModelConfig:
     """``random`` only: std of the random weights (large enough for peaked attention)."""
     seed: int = 0
     """``random`` only: seed of the weights."""
+    # --- full random models (training / evaluation smoke tests); scoring reads layer 0 only ---
+    num_hidden_layers: int = 2
+    """``random`` only: decoder layers of the full model."""
+    intermediate_size: int = 128
+    """``random`` only: SwiGLU hidden size."""
+    tie_word_embeddings: bool = False
+    """``random`` only: tie input and output embeddings (LLaMA-3: untied)."""
 
 
 @dataclass
