@@ -11,6 +11,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from longattn.sharding import ShardConfig
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key to change."""
@@ -139,6 +141,7 @@ class SelectRunConfig:
     """The scorer's own config (its schema comes with the ``scorer=`` group: longattn, ...)."""
     select: SelectConfig = field(default_factory=SelectConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     out_dir: str = "runs/select"
     """Run directory: every output goes here; a rerun with the same out_dir resumes."""
     log_every: int = 10
@@ -172,6 +175,10 @@ def validate(cfg: SelectRunConfig) -> None:
         raise ConfigError(f"model={cfg.model.name} needs model.path=/path/to/hf/model/dir")
     if cfg.model.source == "random" and not cfg.model.tokenizer:
         raise ConfigError(f"model={cfg.model.name} (random) needs model.tokenizer=DIR_OR_GGUF")
+    try:
+        cfg.shard.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if cfg.window.workers < 1:
         raise ConfigError(f"window.workers={cfg.window.workers} must be >= 1")
 

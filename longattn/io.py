@@ -15,7 +15,8 @@ from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InputRecord", "iter_records", "open_text", "atomic_writer", "JsonlAppender", "read_jsonl"]
+__all__ = ["InputRecord", "iter_records", "iter_file", "open_text", "atomic_writer", "JsonlAppender", "read_jsonl",
+           "write_json"]
 
 
 @dataclass
@@ -54,36 +55,62 @@ def _parse_line(line: str) -> dict[str, Any]:
     return obj
 
 
-def _iter_jsonl(path: str) -> Iterator[InputRecord]:
-    with open_text(path) as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield InputRecord(path, i, _parse_line(line))
-            except (ValueError, json.JSONDecodeError) as e:
-                yield InputRecord(path, i, None, f"bad JSON ({e})")
+def _iter_jsonl(path: str, offset: int = -1, first_line: int = 1) -> Iterator[tuple[InputRecord, int]]:
+    """(record, byte offset of its line); offsets only for uncompressed files (-1 otherwise)."""
+    if path.endswith(".gz"):
+        with open_text(path) as f:
+            for i, line in enumerate(f, start=1):
+                if i >= first_line and line.strip():
+                    yield _record(path, i, line), -1
+        return
+    with open(path, "rb") as f:
+        i = 1
+        if offset >= 0:
+            f.seek(offset)
+            i = first_line
+        pos = f.tell()
+        for raw in f:
+            if i >= first_line and raw.strip():
+                yield _record(path, i, raw.decode("utf-8", errors="replace")), pos
+            pos += len(raw)
+            i += 1
 
 
-def _iter_parquet(path: str, batch_rows: int = 256) -> Iterator[InputRecord]:
+def _record(path: str, i: int, line: str) -> InputRecord:
+    try:
+        return InputRecord(path, i, _parse_line(line))
+    except (ValueError, json.JSONDecodeError) as e:
+        return InputRecord(path, i, None, f"bad JSON ({e})")
+
+
+def _iter_parquet(path: str, first_line: int = 1, batch_rows: int = 256) -> Iterator[tuple[InputRecord, int]]:
     import pyarrow.parquet as pq
 
     line = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        if line + batch.num_rows < first_line:  # skip whole batches without converting them
+            line += batch.num_rows
+            continue
         for rec in batch.to_pylist():
             line += 1
-            yield InputRecord(path, line, rec)
+            if line >= first_line:
+                yield InputRecord(path, line, rec), -1
+
+
+def iter_file(path: str, offset: int = -1, first_line: int = 1) -> Iterator[tuple[InputRecord, int]]:
+    """Records of one input file from a position (byte offset where seekable, else line number)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.paths: input file not found: {path}")
+    if path.endswith(".parquet"):
+        return _iter_parquet(path, first_line)
+    return _iter_jsonl(path, offset, first_line)
 
 
 def iter_records(paths: list[str]) -> Iterator[InputRecord]:
     """Stream records of every input file in order; a missing file is an error, a bad line is not."""
     for p in paths:
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"data.paths: input file not found: {p}")
-        if p.endswith(".parquet"):
-            yield from _iter_parquet(p)
-        else:
-            yield from _iter_jsonl(p)
+        for rec, _ in iter_file(p):
+            yield rec
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> None:
     Path(run_cfg.out_dir).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(run_cfg.out_dir) / "config.yaml", resolve=True)
     result = run_select(run_cfg)
-    print_summary(result)
+    if result.metrics is not None:
+        print_summary(result)
 
 
 if __name__ == "__main__":

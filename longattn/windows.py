@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from longattn.config import DataConfig, WindowConfig
-from longattn.io import InputRecord, atomic_writer, iter_records, write_json
+from longattn.io import InputRecord, atomic_writer, iter_records
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,6 @@ def preprocess(data: DataConfig, window: WindowConfig, tokenizer: Any, out_dir: 
     if sampling:
         _write_sample(target, offsets, window, out_dir / "windows.jsonl", stats)
         target.unlink()
-    write_json(out_dir / "preprocess.json", stats.to_dict())
     return stats
 
 

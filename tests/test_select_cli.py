@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,19 +67,61 @@ def test_end_to_end_outputs_and_accounting(tmp_path, tiny, bad_corpus):
         assert metrics[key] is not None, key
 
 
-def test_resume_after_kill_gives_identical_outputs(tmp_path, tiny, corpus):
+OUTS = ("scores.jsonl", "selected.jsonl", "rejected.jsonl")
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    return {n: (out / n).read_bytes() for n in OUTS}
+
+
+def test_resume_from_torn_journal_gives_identical_outputs(tmp_path, tiny, corpus):
     out = tmp_path / "run"
-    run_select(out, f"data.paths=[{corpus}]", *tiny)
-    first = {n: (out / n).read_text() for n in ("scores.jsonl", "selected.jsonl", "rejected.jsonl")}
-    # Simulate a kill mid-scoring: half of the journal plus a torn line; final outputs gone.
-    journal = out / "scores.partial.jsonl"
-    lines = journal.read_text().splitlines(keepends=True)
-    journal.write_text("".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:25])
-    for n in first:
+    run_select(out, f"data.paths=[{corpus}]", *tiny, "shard.windows=4")
+    first = outputs(out)
+    shards = sorted((out / "shards").glob("scores-*[0-9].jsonl"))
+    assert len(shards) >= 3
+    # A kill mid-shard: the last shard back to a journal with half its rows and a torn line.
+    lines = shards[-1].read_text().splitlines(keepends=True)
+    shards[-1].unlink()
+    (out / "shards" / (shards[-1].stem + ".partial.jsonl")).write_text("".join(lines[:2]) + lines[2][:25])
+    shards[0].unlink()  # and a shard never started
+    for n in OUTS:
         (out / n).unlink()
-    proc = run_select(out, f"data.paths=[{corpus}]", *tiny)
-    assert "resuming" in proc.stdout + proc.stderr
-    assert {n: (out / n).read_text() for n in first} == first
+    proc = run_select(out, f"data.paths=[{corpus}]", *tiny, "shard.windows=4")
+    assert "resuming: 2 rows" in proc.stdout + proc.stderr
+    assert outputs(out) == first
+
+
+def test_sigkill_at_any_point_then_rerun_is_byte_identical(tmp_path, tiny, corpus):
+    ref = tmp_path / "ref"
+    run_select(ref, f"data.paths=[{corpus}]", *tiny, "shard.windows=3")
+    for delay in (1.0, 4.0, 7.0):
+        out = tmp_path / f"killed_{delay}"
+        cmd = [sys.executable, "-m", "longattn.select", f"out_dir={out}", f"window.length={W}", "window.workers=2",
+               "report.top_k=3", f"data.paths=[{corpus}]", *tiny, "shard.windows=3"]
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL if delay != 4.0 else signal.SIGTERM)
+        p.wait()
+        run_select(out, f"data.paths=[{corpus}]", *tiny, "shard.windows=3")
+        assert outputs(out) == outputs(ref), f"killed after {delay} s"
+
+
+def test_two_ranks_equal_one(tmp_path, tiny, corpus):
+    ref = tmp_path / "ref"
+    run_select(ref, f"data.paths=[{corpus}]", *tiny, "shard.windows=2")
+    out = tmp_path / "ws2"
+    base = [sys.executable, "-m", "longattn.select", f"out_dir={out}", f"window.length={W}", "window.workers=1",
+            "report.top_k=3", f"data.paths=[{corpus}]", *tiny, "shard.windows=2", "shard.world_size=2",
+            "shard.poll_seconds=0.2"]
+    procs = [subprocess.Popen([*base, f"shard.rank={r}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in (1, 0)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert outputs(out) == outputs(ref)
+    ranks = {json.loads(p.read_text())["device"] for p in (out / "shards").glob("rank-*.json")}
+    assert ranks == {"cpu"} and len(list((out / "shards").glob("rank-*.json"))) == 2
+    assert "rank 1/2: my shards are done" in logs[0]
 
 
 def test_rerun_with_other_model_config_is_refused(tmp_path, tiny, corpus):

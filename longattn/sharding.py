@@ -1,0 +1,120 @@
+"""Deterministic shards of the window stream, rank assignment, completion markers and waiting.
+
+The windows to score are cut, in input order, into shards of ``shard.windows``; shard ``s`` belongs to
+rank ``s % world_size``. Rank 0 pre-processes and writes ``shards/plan.json`` (where each shard starts, so a
+rank seeks to its shards instead of reading the whole corpus); each shard's scores are journaled and, when
+complete, renamed to ``shards/scores-00042.jsonl`` — the rename is the completion marker. A rerun skips
+finished shards and resumes a partial one from its journal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longattn.io import InputRecord, write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ShardConfig", "resolve_rank", "my_shards", "Plan", "wait_for"]
+
+
+@dataclass
+class ShardConfig:
+    windows: int = 1000
+    """Windows per shard: the unit of work, of completion markers and of what a kill can lose at most."""
+    rank: int | None = None
+    """This process's rank; null = from torchrun (RANK) or SLURM (SLURM_PROCID, SLURM_ARRAY_TASK_ID)."""
+    world_size: int | None = None
+    """Number of ranks; null = from WORLD_SIZE, SLURM_NTASKS or SLURM_ARRAY_TASK_COUNT (else 1)."""
+    merge: str = "auto"
+    """``auto``: rank 0 waits for every shard, then selects and writes the outputs; ``never``: score only;
+    ``only``: skip scoring and merge (fails, naming them, if shards are missing)."""
+    poll_seconds: float = 5.0
+    """How often a waiting rank looks for the plan or for other ranks' shards."""
+    wait_hours: float = 72.0
+    """Give up waiting after this long (a rank that died is visible as its missing shards)."""
+
+    def validate(self) -> None:
+        if self.windows < 1:
+            raise ValueError(f"shard.windows={self.windows} must be >= 1")
+        if self.merge not in ("auto", "never", "only"):
+            raise ValueError(f"shard.merge={self.merge!r}: use auto, never or only")
+
+
+def resolve_rank(cfg: ShardConfig, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world_size): explicit keys win, then torchrun, then SLURM tasks, then SLURM array elements."""
+    env = dict(os.environ) if env is None else env
+    rank, world = cfg.rank, cfg.world_size
+    for r_key, w_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
+                         ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
+        if r_key in env and w_key in env and int(env[w_key]) > 1:
+            rank = int(env[r_key]) if rank is None else rank
+            world = int(env[w_key]) if world is None else world
+            break
+    rank, world = (rank or 0), (world or 1)
+    if not 0 <= rank < world:
+        raise ValueError(f"shard.rank={rank} must be in [0, shard.world_size={world})")
+    return rank, world
+
+
+def my_shards(n_shards: int, rank: int, world: int) -> list[int]:
+    return list(range(rank, n_shards, world))
+
+
+@dataclass
+class Plan:
+    """Where each shard starts in the window source, and what the planning pass skipped."""
+
+    n_windows: int
+    shard_windows: int
+    starts: list[dict[str, Any]]
+    """Per shard: ``path`` (index into sources), ``offset`` (bytes, or -1 for compressed files), ``line``."""
+    sources: list[str]
+    skipped: dict[str, int]
+    skip_lines: list[list[Any]]
+    """(source index, line) of records skipped for a global reason (duplicate data_id)."""
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.starts)
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.__dict__)
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        return cls(**json.loads(path.read_text()))
+
+
+def build_plan(records: Iterator[tuple[int, InputRecord, int, bool]], sources: list[str], shard_windows: int,
+               skipped: dict[str, int], skip_lines: list[list[Any]]) -> Plan:
+    """``records`` yields (source index, record, byte offset or -1, valid) in order; shards cut every N valid."""
+    starts: list[dict[str, Any]] = []
+    n = 0
+    for src, rec, offset, valid in records:
+        if not valid:
+            continue
+        if n % shard_windows == 0:
+            starts.append({"path": src, "offset": offset, "line": rec.line})
+        n += 1
+    return Plan(n, shard_windows, starts, sources, dict(skipped), skip_lines)
+
+
+def wait_for(ready: Callable[[], bool], what: str, cfg: ShardConfig) -> None:
+    """Poll until ``ready()``; a clear error after ``shard.wait_hours``."""
+    deadline = time.monotonic() + cfg.wait_hours * 3600
+    announced = False
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after shard.wait_hours={cfg.wait_hours}")
+        if not announced:
+            log.info("waiting for %s", what)
+            announced = True
+        time.sleep(cfg.poll_seconds)
