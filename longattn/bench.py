@@ -5,6 +5,8 @@
    ratio, and the largest relative difference of DS / Var.
 2. One L = 32768 window through an 8B-shaped random first layer (32 query heads, 8 KV heads, head dim
    128): seconds and peak memory beyond the weights.
+3. On a CUDA machine, first: the fused Triton kernel on one 32k window of the LLaMA-3.1-8B (32 heads) and
+   70B (64 heads) first-layer shapes, in ms per window and as fractions of the GPU's matmul / exp peaks.
 """
 
 from __future__ import annotations
@@ -126,6 +128,45 @@ def bench_8b_shape(length: int, block: int) -> dict[str, float]:
     return {"L": length, "seconds": dt, "peak_mb": mb}
 
 
+# Dense peaks used for the "fraction of the GPU's limits" line (H100 SXM; override with --peak-*).
+H100_BF16_TFLOPS = 989.0
+H100_EXP_TPS = 132 * 4 * 16 * 1.83e9 / 1e12  # SMs x SFU quads x lanes x clock: ~15.5 T exp2/s
+
+
+def bench_gpu(length: int, shapes: dict[str, tuple[int, int, int]], repeats: int, peak_tflops: float,
+              peak_exp: float) -> list[dict[str, float]]:
+    """Fused kernel on one window per shape: ms per window and achieved fraction of matmul / exp peaks."""
+    from longattn.attention_stats import default_min_distance
+    from longattn.triton_stats import triton_far_attention_stats
+
+    rows = []
+    kmin = default_min_distance(length)
+    # entries of the causal strip the kernel computes: rows >= k, keys <= row (tile padding ignored)
+    entries = sum(n + 1 for n in range(kmin, length))
+    for name, (heads, kv, dim) in shapes.items():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(heads, length, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(kv, length, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        triton_far_attention_stats(q, k)  # compile
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            triton_far_attention_stats(q, k)
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / repeats
+        flops = 2.0 * dim * entries * heads
+        exps = float(entries * heads)
+        frac_mm = flops / (ms / 1e3) / (peak_tflops * 1e12)
+        frac_exp = exps / (ms / 1e3) / (peak_exp * 1e12)
+        print(f"GPU {torch.cuda.get_device_name()} {name} ({heads} heads, {kv} KV, d {dim}), L={length}: "
+              f"{ms:.2f} ms/window (stats only); {frac_mm:.1%} of bf16 matmul peak, {frac_exp:.1%} of exp peak",
+              flush=True)
+        rows.append({"shape": name, "ms": ms, "frac_matmul": frac_mm, "frac_exp": frac_exp})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -133,10 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block", type=int, default=128, help="scorer.block_size")
     p.add_argument("--big-length", type=int, default=32768, help="L of the 8B-shaped run (0 skips it)")
     p.add_argument("--json", type=str, default=None, help="also write the numbers to this file")
+    p.add_argument("--gpu-repeats", type=int, default=10, help="timed repeats of the GPU kernel")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="GPU bf16 dense peak")
+    p.add_argument("--peak-exp", type=float, default=H100_EXP_TPS, help="GPU exp2 peak, tera-ops/s")
+    p.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
     args = p.parse_args(argv)
     _exact_rss()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    out: dict[str, Any] = {"smollm2": bench_smollm2(args.lengths, args.windows, args.block)}
+    out: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        out["gpu"] = bench_gpu(32768, {"llama31_8b": (32, 8, 128), "llama31_70b": (64, 8, 128)},
+                               args.gpu_repeats, args.peak_tflops, args.peak_exp)
+    if args.skip_cpu:
+        return
+    out["smollm2"] = bench_smollm2(args.lengths, args.windows, args.block)
     if args.big_length:
         out["llama8b_shape"] = bench_8b_shape(args.big_length, args.block)
     if args.json:

@@ -13,6 +13,7 @@ import torch
 from longattn.attention_stats import far_attention_stats, naive_far_attention_stats
 from longattn.config import ModelConfig, ScorerConfig
 from longattn.scorers import register_scorer, stats_row
+from longattn.triton_stats import triton_available, triton_far_attention_stats
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,16 @@ class LongAttnScorerConfig(ScorerConfig):
     batch_size: int = 1
     """Windows per forward pass."""
     backend: str = "auto"
-    """``auto`` | ``torch`` (blockwise) | ``naive`` (literal L x L, for checks only)."""
+    """``auto`` (``triton`` on CUDA when installed, else ``torch``) | ``torch`` (blockwise) | ``triton`` (fused
+    kernel) | ``naive`` (literal L x L, for checks only)."""
 
     def validate(self, length: int) -> None:
         if length % 4 != 0 and self.min_distance is None:
             raise ValueError(f"window.length={length} must be divisible by 4 (k = L/4), or set scorer.min_distance")
         if self.input not in ("reference", "tokens"):
             raise ValueError(f"scorer.input={self.input!r}: use reference or tokens")
-        if self.backend not in ("auto", "torch", "naive"):
-            raise ValueError(f"scorer.backend={self.backend!r}: use auto, torch or naive")
+        if self.backend not in ("auto", "torch", "triton", "naive"):
+            raise ValueError(f"scorer.backend={self.backend!r}: use auto, torch, triton or naive")
         if self.block_size < 1:
             raise ValueError(f"scorer.block_size={self.block_size} must be >= 1")
         if self.batch_size < 1:
@@ -62,6 +64,16 @@ def encode_tokens(tokenizer: Any, content: str, length: int) -> list[int]:
     return tokenizer(content, add_special_tokens=False)["input_ids"][:length]
 
 
+def resolve_backend(backend: str, device: torch.device, head_dim: int) -> str:
+    """``auto``: the fused Triton kernel on CUDA (when triton is installed and d is a power of two),
+    the blockwise torch pass elsewhere; both compute the same numbers."""
+    if backend != "auto":
+        return backend
+    if triton_available(device) and device.type == "cuda" and head_dim >= 16 and not head_dim & (head_dim - 1):
+        return "triton"
+    return "torch"
+
+
 @register_scorer("longattn", LongAttnScorerConfig)
 class LongAttnScorer:
     """DS and Var of every query head of the first decoder layer (SPEC 1.2)."""
@@ -77,12 +89,11 @@ class LongAttnScorer:
         pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
         self.pad_id = int(pad or 0)
         self.encode = encode_reference if cfg.input == "reference" else encode_tokens
-        backend = cfg.backend
-        if backend == "auto":
-            backend = "torch"
-        self._stats: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
-            naive_far_attention_stats if backend == "naive" else self._blockwise
-        )
+        self.backend = resolve_backend(cfg.backend, self.model.device, self.model.head_dim)
+        self._stats: Callable[..., tuple[torch.Tensor, torch.Tensor]] = {
+            "naive": naive_far_attention_stats, "torch": self._blockwise, "triton": triton_far_attention_stats,
+        }[self.backend]
+        log.info("scorer backend: %s on %s", self.backend, self.model.device)
         self.load_seconds = time.perf_counter() - t0
 
     def _blockwise(self, q: torch.Tensor, k: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
