@@ -12,6 +12,8 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,32 +123,50 @@ def _device_name(scorer: Any) -> str:
     return "cpu"
 
 
+def _batches(windows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for w in windows:
+        batch.append(w)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _prepared(scorer: Any, batches: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[list[dict[str, Any]], Any]]:
+    """(batch, prepared input): the next batch is tokenised in a thread while this one is scored
+    (fast tokenizers and torch kernels release the GIL)."""
+    prepare = getattr(scorer, "prepare", None)
+    if prepare is None:
+        yield from ((b, None) for b in batches)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for b in batches:
+            future = pool.submit(prepare, b)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (b, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def _score_shard(cfg: SelectRunConfig, plan: Plan, shard: int, shards_dir: Path, scorer: Any, bar: tqdm) -> None:
     """Score one shard into its journal; rename it when complete (the completion marker)."""
     journal = JsonlAppender(shard_path(shards_dir, shard, "partial.jsonl"))
     clock = shard_path(shards_dir, shard, "timing.json")
     timing = json.loads(clock.read_text()) if clock.exists() and journal.done else {"score_seconds": 0.0, "windows": 0}
     bar.update(len(journal.done))
-    batch: list[dict[str, Any]] = []
-
-    def flush() -> None:
+    todo = (w for w in iter_shard(plan, shard, cfg.data) if w["data_id"] not in journal.done)
+    for batch, prepared in _prepared(scorer, _batches(todo, cfg.scorer.batch_size)):
         t0 = time.perf_counter()
-        rows = scorer.score(batch)
+        rows = scorer.score(batch, prepared) if prepared is not None else scorer.score(batch)
         timing["score_seconds"] += time.perf_counter() - t0
         timing["windows"] += len(rows)
         journal.write_many(rows)
         write_json(clock, timing)  # cost survives restarts, so metrics.json reports the whole run
         bar.update(len(rows))
-        batch.clear()
-
-    for w in iter_shard(plan, shard, cfg.data):
-        if w["data_id"] in journal.done:
-            continue
-        batch.append(w)
-        if len(batch) >= cfg.scorer.batch_size:
-            flush()
-    if batch:
-        flush()
     journal.close()
     os.replace(journal.path, shard_path(shards_dir, shard))
 

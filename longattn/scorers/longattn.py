@@ -99,7 +99,8 @@ class LongAttnScorer:
     def _blockwise(self, q: torch.Tensor, k: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return far_attention_stats(q, k, block_size=self.cfg.block_size, **kw)
 
-    def _batch_ids(self, windows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
+    def prepare(self, windows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
+        """CPU side of a batch (tokenise, pad): run by the pipeline in a thread, overlapping scoring."""
         ids = torch.full((len(windows), self.length), self.pad_id, dtype=torch.long)
         n_valid = []
         for i, w in enumerate(windows):
@@ -109,8 +110,10 @@ class LongAttnScorer:
         return ids, n_valid
 
     @torch.inference_mode()
-    def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        ids, n_valid = self._batch_ids(windows)
+    def score(self, windows: list[dict[str, Any]], prepared: Any = None) -> list[dict[str, Any]]:
+        ids, n_valid = prepared if prepared is not None else self.prepare(windows)
+        if ids.device != self.model.device:
+            ids = ids.pin_memory().to(self.model.device, non_blocking=True) if self.model.device.type == "cuda" else ids
         stats = self.stats_for_ids(self.model, ids, n_valid, self.cfg, self._stats)
         return [stats_row(w, n, ds, var) for w, n, (ds, var) in zip(windows, n_valid, stats, strict=True)]
 
