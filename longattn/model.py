@@ -113,7 +113,9 @@ def _dtype_device(cfg: ModelConfig) -> tuple[torch.dtype, torch.device]:
         raise ValueError(f"model.dtype={cfg.dtype!r}: use one of {sorted(_DTYPES)}")
     dev = cfg.device
     if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        # torchrun / srun start one process per GPU: each takes the GPU of its local rank.
+        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        dev = f"cuda:{int(local) % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     elif dev.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"model.device={cfg.device!r} but CUDA is not available: use model.device=cpu")
     return _DTYPES[cfg.dtype], torch.device(dev)
