@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from longattn.config import SelectRunConfig, register_configs, validate
+from longattn.hydra_app import CONF_DIR, save_config, to_dataclass
 
-log = logging.getLogger("longattn.select")
 register_configs()
-# An absolute path: the entry point must find conf/ from any working directory.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def to_schema(cfg: DictConfig) -> SelectRunConfig:
-    """Merge the composed YAML into the typed schema (type errors name the key) and validate it."""
-    merged = OmegaConf.merge(OmegaConf.structured(SelectRunConfig), cfg)
-    run_cfg: SelectRunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(run_cfg)
-    return run_cfg
+    return to_dataclass(SelectRunConfig, cfg, validate)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="select")
@@ -30,8 +21,7 @@ def main(cfg: DictConfig) -> None:
     from longattn.summary import print_summary
 
     run_cfg = to_schema(cfg)
-    Path(run_cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, Path(run_cfg.out_dir) / "config.yaml", resolve=True)
+    save_config(cfg, run_cfg.out_dir)
     result = run_select(run_cfg)
     if result.metrics is not None:
         print_summary(result)
