@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from longattn.sharding import ShardConfig
+from longattn.tracking import WandbConfig
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,8 @@ class SelectRunConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """W&B logging of the merged run: counts, per-category statistics, score histograms, the selected set."""
     out_dir: str = "runs/select"
     """Run directory: every output goes here; a rerun with the same out_dir resumes."""
     log_every: int = 10

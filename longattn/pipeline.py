@@ -69,7 +69,31 @@ def run_select(cfg: SelectRunConfig) -> SelectResult:
     pre = _preprocess_stats(cfg, out_dir)
     metrics = merge_outputs(cfg, plan, out_dir, shards_dir, pre)
     write_json(out_dir / "metrics.json", metrics)
+    _log_run(cfg, out_dir, metrics)
     return SelectResult(out_dir, metrics, {n: out_dir / n for n in OUTPUTS if (out_dir / n).exists()})
+
+
+def _log_run(cfg: SelectRunConfig, out_dir: Path, metrics: dict[str, Any]) -> None:
+    """metrics.jsonl always; with wandb.enabled also W&B: summary numbers, score histograms, the selection."""
+    from longattn.io import read_jsonl
+    from longattn.tracking import MetricsLogger
+
+    logger = MetricsLogger(out_dir, cfg.wandb, job_type="select", config=asdict(cfg))
+    flat = {f"select/{cat}/{k}": v for cat, c in metrics["categories"].items() for k, v in c.items()
+            if isinstance(v, int | float)}
+    flat.update({"select/windows": metrics["windows"], "select/kept": metrics["counts"]["kept"],
+                 "select/score_seconds": metrics["score_seconds"],
+                 "select/windows_per_s": metrics["windows_per_second"] or 0.0})
+    logger.log(flat)
+    logger.summary(flat)
+    if logger.run is not None:
+        cols: dict[str, list[float]] = {}
+        for r in read_jsonl(out_dir / "scores.jsonl"):
+            for key in ("ds", "var", "lds"):
+                cols.setdefault(f"select/{r['category']}/{key}", []).append(r[key])
+        logger.histograms(cols)
+        logger.artifact(out_dir / "selected.jsonl", f"selected-{cfg.scorer.name}-{cfg.model.name}", "dataset")
+    logger.close()
 
 
 # --- pre-processing -----------------------------------------------------------------------------------

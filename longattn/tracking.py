@@ -71,6 +71,13 @@ class MetricsLogger:
         if self.run is not None:
             self.run.summary.update(metrics)
 
+    def histograms(self, arrays: dict[str, Any], step: int | None = None) -> None:
+        """Score distributions (W&B histograms); the local record is the caller's metrics.json."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({k: wandb.Histogram(v) for k, v in arrays.items()}, step=step)
+
     def artifact(self, path: str | Path, name: str, type_: str) -> None:
         if self.run is not None:
             import wandb
