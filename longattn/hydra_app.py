@@ -10,6 +10,13 @@ from omegaconf import DictConfig, OmegaConf
 
 T = TypeVar("T")
 
+# ${mul:${tokens},0.3}: a token budget that is a fraction of another (per-category share of a training set).
+if not OmegaConf.has_resolver("mul"):
+    OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
+# ${billions:${tokens}} -> "5B": readable names of experiment points.
+if not OmegaConf.has_resolver("billions"):
+    OmegaConf.register_new_resolver("billions", lambda x: f"{float(x) / 1e9:g}B")
+
 # An absolute path: entry points must find conf/ from any working directory (and from installed scripts).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
