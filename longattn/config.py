@@ -5,6 +5,7 @@ YAML files under ``conf/`` only set values; every field is documented here, wher
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +177,12 @@ def validate(cfg: SelectRunConfig) -> None:
         raise ConfigError(f"model.source={cfg.model.source!r}: use hf, gguf or random")
     if cfg.model.source == "hf" and not cfg.model.path:
         raise ConfigError(f"model={cfg.model.name} needs model.path=/path/to/hf/model/dir")
+    if cfg.model.source == "hf" and not os.path.isdir(os.path.expanduser(cfg.model.path)):
+        raise ConfigError(f"model.path={cfg.model.path}: not a directory (a HF model directory with config.json, "
+                          "tokenizer files and safetensors)")
+    for p in cfg.data.paths:
+        if not os.path.exists(p):
+            raise ConfigError(f"data.paths: {p} does not exist")
     if cfg.model.source == "random" and not cfg.model.tokenizer:
         raise ConfigError(f"model={cfg.model.name} (random) needs model.tokenizer=DIR_OR_GGUF")
     try:
