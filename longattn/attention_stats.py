@@ -85,11 +85,15 @@ def _group_moments(
     length, group, dim = qg.shape
     s1 = torch.zeros(group, dtype=torch.float64, device=qg.device)
     s2 = torch.zeros_like(s1)
+    # Two strip buffers reused by every block: fresh multi-MB allocations would page-fault on each block.
+    size = min(block, length) * group * min(length, n_valid)
+    buf, sq_buf = torch.empty(size, device=qg.device), torch.empty(size, device=qg.device)
     # Rows n < k have no far keys, so they are skipped entirely.
     for r0 in range(kmin, length, block):
         r1 = min(r0 + block, length)
         kend = min(r1, n_valid)  # keys any row of this block may see
-        s = torch.mm(qg[r0:r1].reshape(-1, dim), kg[:kend].T)  # [(rows x G), kend]
+        m = (r1 - r0) * group
+        s = torch.mm(qg[r0:r1].reshape(-1, dim), kg[:kend].T, out=buf[: m * kend].view(m, kend))
         s3 = s.view(r1 - r0, group, kend)
         rows = torch.arange(r0, r1, device=s.device)[:, None, None]
         if kend > r0:  # the diagonal block needs the causal mask
@@ -107,10 +111,9 @@ def _group_moments(
             s3[:, :, c_lo:c_hi].masked_fill_(cols > rows - kmin, 0.0)
         far = s[:, :c_hi]
         far_sum = far.sum(dim=-1).double()
-        far_sq = far.square().sum(dim=-1).double()
+        far_sq = torch.mul(far, far, out=sq_buf[: m * c_hi].view(m, c_hi)).sum(dim=-1).double()
         s1 += (far_sum / total).view(r1 - r0, group).sum(dim=0)
         s2 += (far_sq / (total * total)).view(r1 - r0, group).sum(dim=0)
-        del s, s3, far
     return s1, s2
 
 
