@@ -1,1 +1,4 @@
-"""Stage 3: evaluation through lm-evaluation-harness (needs the ``eval`` extra). Built in a later issue."""
+"""Stage 3: evaluation on RULER, LongBench and short suites through lm-evaluation-harness (``eval`` extra).
+
+Only ``eval.harness`` imports lm-eval; metrics, results and tables are pure and import without it.
+"""

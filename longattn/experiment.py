@@ -70,6 +70,8 @@ class PipelineConfig:
     """The experiment point (one cell of a paper table), e.g. ``data_scale-longattn8-5e9``."""
     method: str = "longattn8"
     """Selection method (group ``method``: random, prolong, longattn8, longattn70): sets select's scorer / model."""
+    method_label: str = "LongAttn-8"
+    """The method as the paper's tables name it (Random, ProLong, LongAttn-8, LongAttn-70)."""
     tokens: float = 5e9
     """Training tokens of the point (the paper's x in D_Ax); long data is 30 % per category of it (Table 7)."""
     alpha: float = 0.5
@@ -103,7 +105,12 @@ def _value(v: Any) -> str:
         return "[" + ",".join(_value(x) for x in v) + "]"
     if isinstance(v, bool):
         return str(v).lower()
-    return "null" if v is None else str(v)
+    if v is None:
+        return "null"
+    s = str(v)
+    if isinstance(v, str) and (not s or any(c in s for c in " ,[]{}=:'\"()")):
+        return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"  # quoted in the override grammar
+    return s
 
 
 def _overrides(d: dict[str, Any]) -> list[str]:

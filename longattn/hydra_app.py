@@ -13,6 +13,10 @@ T = TypeVar("T")
 # ${mul:${tokens},0.3}: a token budget that is a fraction of another (per-category share of a training set).
 if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
+# ${alpha_variant:${alpha}} -> the Table 4 row name of an LDS weight ("" for the paper's default 0.5).
+if not OmegaConf.has_resolver("alpha_variant"):
+    OmegaConf.register_new_resolver(
+        "alpha_variant", lambda a: {0.5: "", 1.0: "alpha=1", 0.0: "w/o DU"}.get(float(a), f"alpha={float(a):g}"))
 # ${billions:${tokens}} -> "5B": readable names of experiment points.
 if not OmegaConf.has_resolver("billions"):
     OmegaConf.register_new_resolver("billions", lambda x: f"{float(x) / 1e9:g}B")

@@ -1,0 +1,5 @@
+"""``python -m eval`` = ``longattn-eval``."""
+
+from eval.cli import main
+
+main()

@@ -1,0 +1,114 @@
+"""``longattn-tables``: the paper's tables (Markdown, CSV, LaTeX) and the tokens curve from result directories.
+
+    longattn-tables runs/eval/* --select runs/select/* --out runs/tables [--length 32768]
+    longattn-tables --wandb-project longattn --wandb-group paper --out runs/tables
+
+An eval run is named by its label (``label.method=LongAttn-8 label.tokens=5``); a reader tool, so plain
+argparse: nothing to compose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from eval import tables as T
+
+log = logging.getLogger(__name__)
+
+
+def read_runs(dirs: list[str]) -> list[dict[str, Any]]:
+    """results.json of each directory (or file) given; directories without one are skipped with a warning."""
+    runs = []
+    for d in dirs:
+        p = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
+        if p.exists():
+            runs.append(json.loads(p.read_text(encoding="utf-8")))
+        else:
+            log.warning("no results.json in %s", d)
+    return runs
+
+
+def unflatten(summary: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A W&B summary (``eval/suite/task/col`` keys, as eval.run logs them) back into a results dict."""
+    doc: dict[str, Any] = {"meta": {"extra": extra}}
+    for key, value in summary.items():
+        if not key.startswith("eval/") or not isinstance(value, int | float):
+            continue
+        node = doc
+        *path, leaf = key.split("/")[1:]
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return doc
+
+
+def read_wandb(project: str, group: str | None) -> list[dict[str, Any]]:
+    import wandb  # lazily: optional extra, needs network or a local server
+
+    filters = {"jobType": "eval", **({"group": group} if group else {})}
+    runs = wandb.Api().runs(project, filters=filters)
+    return [unflatten(dict(r.summary), {**r.config.get("extra", {}), **r.config.get("label", {})}) for r in runs]
+
+
+def plot_curve(runs: list[dict[str, Any]], path: Path, length: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, pts in T.curve(runs, length).items():
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+    ax.set_xlabel("training tokens (B)")
+    ax.set_ylabel(f"RULER-NIAH {int(length) // 1024}k")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def build_tables(runs: list[dict[str, Any]], select_dirs: list[str], length: str) -> dict[str, T.Table]:
+    out = {"table1": T.table1(runs, length), "table2": T.table2(runs), "table3": T.table3(runs),
+           "table4": T.table4(runs, length), "table11": T.table11(runs, length)}
+    if select_dirs:  # Tables 5 and 10 are the selection stage's (longattn.tables), written in the same formats
+        from longattn.tables import cost_rows, find_metrics, stats_rows
+
+        sel = find_metrics(select_dirs)
+        out["table5"] = T.from_rows("Table 5: selection cost (GPU hours for 36B tokens)", cost_rows(sel))
+        out["table10"] = T.from_rows("Table 10: DS / Var statistics", stats_rows(sel))
+    return out
+
+
+def write_tables(tables: dict[str, T.Table], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, t in tables.items():
+        (out / f"{name}.md").write_text(T.to_markdown(t), encoding="utf-8")
+        (out / f"{name}.csv").write_text(T.to_csv(t), encoding="utf-8")
+        (out / f"{name}.tex").write_text(T.to_latex(t), encoding="utf-8")
+    (out / "tables.md").write_text("\n".join(T.to_markdown(t) for t in tables.values()), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="longattn-tables", description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="*", help="eval run directories (results.json)")
+    ap.add_argument("--select", nargs="*", default=[], help="selection run directories (metrics.json)")
+    ap.add_argument("--wandb-project", help="read eval runs from this W&B project instead")
+    ap.add_argument("--wandb-group")
+    ap.add_argument("--length", default="32768", help="RULER length of Tables 1, 4, 11 and the curve")
+    ap.add_argument("--out", default="runs/tables")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    runs = read_wandb(args.wandb_project, args.wandb_group) if args.wandb_project else read_runs(args.runs)
+    tables = build_tables(runs, args.select, args.length)
+    out = Path(args.out)
+    write_tables(tables, out)
+    plot_curve(runs, out / "niah_vs_tokens.png", args.length)
+    print((out / "tables.md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
