@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,9 +53,11 @@ class MetricsLogger:
         if cfg.enabled:
             import wandb  # lazily: an optional extra
 
+            # A stable id per run directory and stage: a resumed run continues its W&B run.
+            run_id = hashlib.sha256(f"{self.path.parent.resolve()}:{job_type}".encode()).hexdigest()[:16]
             self.run = wandb.init(project=cfg.project, group=cfg.group, job_type=cfg.job_type or job_type,
                                   name=cfg.name, tags=list(cfg.tags), config=config or {},
-                                  dir=cfg.dir or str(self.path.parent), resume="allow",
+                                  dir=cfg.dir or str(self.path.parent), id=run_id, resume="allow",
                                   mode=os.environ.get("WANDB_MODE"))
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
