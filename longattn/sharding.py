@@ -30,9 +30,10 @@ class ShardConfig:
     windows: int = 1000
     """Windows per shard: the unit of work, of completion markers and of what a kill can lose at most."""
     rank: int | None = None
-    """This process's rank; null = from torchrun (RANK) or SLURM (SLURM_PROCID, SLURM_ARRAY_TASK_ID)."""
+    """This process's rank; null = from torchrun (RANK) or srun tasks (SLURM_PROCID). SLURM array elements
+    are separate jobs (a sweep may vary anything), so an array shards only through explicit shard.rank."""
     world_size: int | None = None
-    """Number of ranks; null = from WORLD_SIZE, SLURM_NTASKS or SLURM_ARRAY_TASK_COUNT (else 1)."""
+    """Number of ranks; null = from WORLD_SIZE or SLURM_NTASKS (else 1)."""
     merge: str = "auto"
     """``auto``: rank 0 waits for every shard, then selects and writes the outputs; ``never``: score only;
     ``only``: skip scoring and merge (fails, naming them, if shards are missing)."""
@@ -49,11 +50,10 @@ class ShardConfig:
 
 
 def resolve_rank(cfg: ShardConfig, env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(rank, world_size): explicit keys win, then torchrun, then SLURM tasks, then SLURM array elements."""
+    """(rank, world_size): explicit keys win, then torchrun, then srun tasks of one job."""
     env = dict(os.environ) if env is None else env
     rank, world = cfg.rank, cfg.world_size
-    for r_key, w_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
-                         ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
+    for r_key, w_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
         if r_key in env and w_key in env and int(env[w_key]) > 1:
             rank = int(env[r_key]) if rank is None else rank
             world = int(env[w_key]) if world is None else world

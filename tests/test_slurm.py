@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 from slurm_cluster import missing_reason, slurm_cluster
 from test_select_cli import OUTS, W, outputs, run_select
