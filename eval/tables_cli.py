@@ -1,6 +1,7 @@
 """``longattn-tables``: the paper's tables (Markdown, CSV, LaTeX) and the tokens curve from result directories.
 
     longattn-tables runs/eval/* --select runs/select/* --out runs/tables [--length 32768]
+    longattn-tables --points runs/experiments --out runs/tables     # every point a pipeline ran
     longattn-tables --wandb-project longattn --wandb-group paper --out runs/tables
 
 An eval run is named by its label (``label.method=LongAttn-8 label.tokens=5``); a reader tool, so plain
@@ -54,6 +55,18 @@ def read_wandb(project: str, group: str | None) -> list[dict[str, Any]]:
     return [unflatten(dict(r.summary), {**r.config.get("extra", {}), **r.config.get("label", {})}) for r in runs]
 
 
+def read_points(root: str) -> tuple[list[str], list[str]]:
+    """Eval and selection directories of the points ``longattn-pipeline`` ran under ``root``."""
+    evals: list[str] = []
+    selects: list[str] = []
+    for p in sorted(Path(root, "points").glob("*.json")):
+        for stage in json.loads(p.read_text(encoding="utf-8"))["stages"]:
+            dirs = {"eval": evals, "select": selects}.get(stage["stage"])
+            if dirs is not None and stage.get("done") and stage["out_dir"] not in dirs:
+                dirs.append(stage["out_dir"])
+    return evals, selects
+
+
 def plot_curve(runs: list[dict[str, Any]], path: Path, length: str) -> None:
     import matplotlib
 
@@ -98,12 +111,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--select", nargs="*", default=[], help="selection run directories (metrics.json)")
     ap.add_argument("--wandb-project", help="read eval runs from this W&B project instead")
     ap.add_argument("--wandb-group")
+    ap.add_argument("--points", help="a longattn-pipeline root: read the eval and selection runs of its points")
     ap.add_argument("--length", default="32768", help="RULER length of Tables 1, 4, 11 and the curve")
     ap.add_argument("--out", default="runs/tables")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    runs = read_wandb(args.wandb_project, args.wandb_group) if args.wandb_project else read_runs(args.runs)
-    tables = build_tables(runs, args.select, args.length)
+    run_dirs, select_dirs = list(args.runs), list(args.select)
+    if args.points:
+        evals, selects = read_points(args.points)
+        run_dirs, select_dirs = run_dirs + evals, select_dirs + selects
+    runs = read_wandb(args.wandb_project, args.wandb_group) if args.wandb_project else read_runs(run_dirs)
+    tables = build_tables(runs, select_dirs, args.length)
     out = Path(args.out)
     write_tables(tables, out)
     plot_curve(runs, out / "niah_vs_tokens.png", args.length)

@@ -85,7 +85,7 @@ class PipelineConfig:
     """Every stage logs to this project and group, with its stage as job type."""
     data: list[str] = field(default_factory=list)
     """Raw long documents (JSON Lines / Parquet with ``content`` and ``category``): select's data.paths."""
-    short: dict[str, str] = field(default_factory=dict)
+    short: dict[str, str | None] = field(default_factory=dict)
     """Short-context sources for training (wiki / github / web -> path): train's data.short."""
     paths: dict[str, Any] = field(default_factory=dict)
     """Local HF directories of the models (``paths.llama31_8b=/models/Llama-3.1-8B``), used by the methods."""
@@ -202,4 +202,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not __main__'s: Hydra's multirun resolves the schema's type hints
+    # through the class's module, which must be the importable longattn.experiment.
+    from longattn.experiment import main as _main
+
+    _main()

@@ -17,6 +17,9 @@ if not OmegaConf.has_resolver("mul"):
 if not OmegaConf.has_resolver("alpha_variant"):
     OmegaConf.register_new_resolver(
         "alpha_variant", lambda a: {0.5: "", 1.0: "alpha=1", 0.0: "w/o DU"}.get(float(a), f"alpha={float(a):g}"))
+# ${repo:tests/data/x.jsonl} -> an absolute path inside this repository (committed sample data).
+if not OmegaConf.has_resolver("repo"):
+    OmegaConf.register_new_resolver("repo", lambda rel: str(Path(CONF_DIR).parent / rel))
 # ${billions:${tokens}} -> "5B": readable names of experiment points.
 if not OmegaConf.has_resolver("billions"):
     OmegaConf.register_new_resolver("billions", lambda x: f"{float(x) / 1e9:g}B")

@@ -31,7 +31,8 @@ class Scorer(Protocol):
 
 SCORERS: dict[str, tuple[type, Callable[..., Scorer]]] = {}
 """name -> (config dataclass, scorer class)."""
-SCORER_MODULES = ["longattn.scorers.longattn"]
+SCORER_MODULES = ["longattn.scorers.longattn", "longattn.scorers.prolong", "longattn.scorers.random_scorer",
+                  "longattn.scorers.layers"]
 """Modules imported to fill the registry (each registers itself on import)."""
 
 
