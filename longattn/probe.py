@@ -33,6 +33,7 @@ from longattn.config import (
     WindowConfig,
     register_configs,
 )
+from longattn.hydra_app import CONF_DIR, save_config, to_dataclass
 from longattn.io import atomic_writer, iter_records, read_jsonl, write_json
 from longattn.selection import lds_scores
 
@@ -300,21 +301,16 @@ def plot_distributions(rows: list[dict[str, Any]], path: Path, tag: str, setting
 # --- entry point ------------------------------------------------------------------------------------
 register_configs()
 ConfigStore.instance().store(name="probe_schema", node=ProbeRunConfig)
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def to_schema(cfg: DictConfig) -> ProbeRunConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(ProbeRunConfig), cfg)
-    run_cfg: ProbeRunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(run_cfg)
-    return run_cfg
+    return to_dataclass(ProbeRunConfig, cfg, validate)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="probe")
 def main(cfg: DictConfig) -> None:
     run_cfg = to_schema(cfg)
-    Path(run_cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, Path(run_cfg.out_dir) / "config.yaml", resolve=True)
+    save_config(cfg, run_cfg.out_dir)
     res = run_probe(run_cfg)
     print(f"\nAUROC (label 1 = genuine long document) — {run_cfg.out_dir}\n")
     print(markdown_table([res]))
