@@ -30,12 +30,19 @@ def missing_reason() -> str | None:
     return None
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _conf(root: Path, host: str, cpus: int) -> str:
+    # Fresh ports per cluster: a previous test's daemons may still be releasing the default ones.
     return f"""ClusterName=longattn-test
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
 AuthType=auth/munge
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
@@ -81,6 +88,7 @@ def slurm_cluster(root: Path, cpus: int = 2, timeout: float = 60.0) -> Iterator[
             procs.append(subprocess.Popen([_sbin(daemon), "-D", "-f", str(conf)], env=env, stdout=log,
                                           stderr=subprocess.STDOUT))
         _wait_idle(env, host, timeout, root)
+        _wait_accepts_jobs(env, timeout, root)
         yield {"SLURM_CONF": str(conf)}
     finally:
         subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
@@ -91,6 +99,20 @@ def slurm_cluster(root: Path, cpus: int = 2, timeout: float = 60.0) -> Iterator[
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _wait_accepts_jobs(env: dict[str, str], timeout: float, root: Path) -> None:
+    """A node can report idle before the controller schedules: submit a trivial job until one runs."""
+    deadline = time.monotonic() + timeout
+    err = ""
+    while time.monotonic() < deadline:
+        out = subprocess.run(["sbatch", "--wait", "-o", "/dev/null", "--wrap", "true"], env=env,
+                             capture_output=True, text=True, timeout=timeout)
+        if out.returncode == 0:
+            return
+        err = out.stderr
+        time.sleep(1.0)
+    raise RuntimeError(f"SLURM accepts no job after {timeout} s: {err}\n{(root / 'slurmctld.log').read_text()[-2000:]}")
 
 
 def _wait_idle(env: dict[str, str], host: str, timeout: float, root: Path) -> None:

@@ -23,7 +23,9 @@ def cluster(tmp_path_factory):
 def test_sbatch_runs(cluster, tmp_path):
     out = tmp_path / "hello.txt"
     env = {**os.environ, **cluster}
-    subprocess.run(["sbatch", "--wait", "-o", str(out), "--wrap", "hostname"], env=env, check=True, timeout=120)
+    proc = subprocess.run(["sbatch", "--wait", "-o", str(out), "--wrap", "hostname"], env=env, timeout=120,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert out.read_text().strip()
 
 
