@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/python -m pip
 TORCH ?= torch==2.13.0
 OUT ?= runs/demo
 
-.PHONY: install install-all demo test bench lint clean system-deps
+.PHONY: install install-all demo test bench bench-baselines lint clean system-deps
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: $(VENV)/.all system-deps
 
 bench: $(VENV)/.base
 	$(PY) -m longattn.bench
+
+# ProLong's cost per window relative to LongAttn's, same model (SmolLM2) on this machine.
+bench-baselines: $(VENV)/.base
+	$(PY) -m longattn.bench_baselines
 
 lint: $(VENV)/.base
 	$(VENV)/bin/ruff check longattn train eval tests

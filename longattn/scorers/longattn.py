@@ -111,9 +111,7 @@ class LongAttnScorer:
 
     @torch.inference_mode()
     def score(self, windows: list[dict[str, Any]], prepared: Any = None) -> list[dict[str, Any]]:
-        ids, n_valid = prepared if prepared is not None else self.prepare(windows)
-        if ids.device != self.model.device:
-            ids = ids.pin_memory().to(self.model.device, non_blocking=True) if self.model.device.type == "cuda" else ids
+        ids, n_valid = prepared if prepared is not None else self.prepare(windows)  # moved to the model's device there
         stats = self.stats_for_ids(self.model, ids, n_valid, self.cfg, self._stats)
         return [stats_row(w, n, ds, var) for w, n, (ds, var) in zip(windows, n_valid, stats, strict=True)]
 
