@@ -17,7 +17,13 @@ import torch
 from longattn.attention_stats import far_attention_stats, naive_far_attention_stats
 from longattn.config import ModelConfig
 from longattn.scorers import register_scorer, stats_row
-from longattn.scorers.longattn import LongAttnScorerConfig, encode_reference, encode_tokens
+from longattn.scorers.longattn import (
+    LongAttnScorerConfig,
+    encode_reference,
+    encode_tokens,
+    pad_batch,
+    reference_pad_id,
+)
 
 __all__ = ["LayersScorerConfig", "LayersScorer"]
 
@@ -61,8 +67,7 @@ class LayersScorer:
         heads = self.model.config.num_attention_heads
         if cfg.heads is not None and max(cfg.heads) >= heads:
             raise ValueError(f"scorer.heads={cfg.heads}: model {model_cfg.name} has {heads} query heads")
-        pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
-        self.pad_id = int(pad or 0)
+        self.pad_id = reference_pad_id(self.tokenizer)
         self.encode = encode_reference if cfg.input == "reference" else encode_tokens
         self.load_seconds = time.perf_counter() - t0
 
@@ -99,12 +104,7 @@ class LayersScorer:
     @torch.inference_mode()
     def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         device = next(self.model.parameters()).device
-        ids = torch.full((len(windows), self.length), self.pad_id, dtype=torch.long)
-        n_valid = []
-        for i, w in enumerate(windows):
-            toks = self.encode(self.tokenizer, w["content"], self.length)
-            ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-            n_valid.append(len(toks))
+        ids, n_valid = pad_batch(windows, self.tokenizer, self.encode, self.length, self.pad_id)
         mask = (torch.arange(self.length)[None] < torch.tensor(n_valid)[:, None]).long()
         qk = self._qk(ids.to(device), mask.to(device))
         rows = []

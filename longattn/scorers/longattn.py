@@ -64,6 +64,24 @@ def encode_tokens(tokenizer: Any, content: str, length: int) -> list[int]:
     return tokenizer(content, add_special_tokens=False)["input_ids"][:length]
 
 
+def reference_pad_id(tokenizer: Any) -> int:
+    """The reference pads with eos (pad_token = eos_token) and masks the padding as keys."""
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    return int(pad or 0)
+
+
+def pad_batch(windows: list[dict[str, Any]], tokenizer: Any, encode: Callable[..., list[int]], length: int,
+              pad_id: int) -> tuple[torch.Tensor, list[int]]:
+    """Token ids [B, L] (each window encoded, then padded with ``pad_id``) and each window's real length."""
+    ids = torch.full((len(windows), length), pad_id, dtype=torch.long)
+    n_valid = []
+    for i, w in enumerate(windows):
+        toks = encode(tokenizer, w["content"], length)
+        ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        n_valid.append(len(toks))
+    return ids, n_valid
+
+
 def resolve_backend(backend: str, device: torch.device, head_dim: int) -> str:
     """``auto``: the fused Triton kernel on CUDA (when triton is installed and d is a power of two),
     the blockwise torch pass elsewhere; both compute the same numbers."""
@@ -85,9 +103,7 @@ class LongAttnScorer:
         self.cfg, self.length = cfg, length
         self.tokenizer = load_tokenizer(model_cfg)
         self.model = load_first_layer(model_cfg)
-        # The reference pads with eos (pad_token = eos_token) and masks the padding as keys.
-        pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.pad_token_id
-        self.pad_id = int(pad or 0)
+        self.pad_id = reference_pad_id(self.tokenizer)
         self.encode = encode_reference if cfg.input == "reference" else encode_tokens
         self.backend = resolve_backend(cfg.backend, self.model.device, self.model.head_dim)
         self._stats: Callable[..., tuple[torch.Tensor, torch.Tensor]] = {
@@ -101,13 +117,7 @@ class LongAttnScorer:
 
     def prepare(self, windows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
         """CPU side of a batch (tokenise, pad): run by the pipeline in a thread, overlapping scoring."""
-        ids = torch.full((len(windows), self.length), self.pad_id, dtype=torch.long)
-        n_valid = []
-        for i, w in enumerate(windows):
-            toks = self.encode(self.tokenizer, w["content"], self.length)
-            ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-            n_valid.append(len(toks))
-        return ids, n_valid
+        return pad_batch(windows, self.tokenizer, self.encode, self.length, self.pad_id)
 
     @torch.inference_mode()
     def score(self, windows: list[dict[str, Any]], prepared: Any = None) -> list[dict[str, Any]]:
