@@ -126,13 +126,15 @@ def _score_shards(cfg: SelectRunConfig, plan: Plan, shards_dir: Path, rank: int,
     from longattn.scorers import build_scorer
 
     scorer = build_scorer(cfg.scorer, cfg.model, cfg.window.length)
-    write_json(shards_dir / f"rank-{rank:05d}.json", {
-        "load_seconds": scorer.load_seconds, "device": _device_name(scorer),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    _record_rank(shards_dir, rank, scorer)  # at load, so a rank killed later still reports its device
     n_mine = sum(min(plan.shard_windows, plan.n_windows - s * plan.shard_windows) for s in todo)
     with tqdm(total=n_mine, desc=f"score rank {rank}/{world}", unit="win", mininterval=2.0, disable=None) as bar:
         for s in todo:
             _score_shard(cfg, plan, s, shards_dir, scorer, bar)
+    _record_rank(shards_dir, rank, scorer)  # again at the end, with the scoring's peak memory
+
+
+def _record_rank(shards_dir: Path, rank: int, scorer: Any) -> None:
     write_json(shards_dir / f"rank-{rank:05d}.json", {
         "load_seconds": scorer.load_seconds, "device": _device_name(scorer),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
