@@ -39,11 +39,11 @@ test: $(VENV)/.all system-deps
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.base
-	$(PY) -m longattn.bench
+	$(PY) -m longattn.cli.bench
 
 # ProLong's cost per window relative to LongAttn's, same model (SmolLM2) on this machine.
 bench-baselines: $(VENV)/.base
-	$(PY) -m longattn.bench_baselines
+	$(PY) -m longattn.cli.bench_baselines
 
 lint: $(VENV)/.base
 	$(VENV)/bin/ruff check longattn train eval tests

@@ -1,5 +1,5 @@
 """``python -m eval`` = ``longattn-eval``."""
 
-from eval.cli import main
+from longattn.cli.eval import main
 
 main()

@@ -15,11 +15,18 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from eval.suites import LONGBENCH_TASKS, RULER_TASKS, SHORT_TASKS, SUITES, reference_name
-from longattn.tracking import WandbConfig
+from longattn.common.errors import Choice, ConfigError
+from longattn.common.tracking import WandbConfig
+
+__all__ = ["ConfigError", "EvalBackend", "EvalModelConfig", "EvalConfig", "EvalRunConfig", "to_schema", "validate",
+           "selected_tasks", "model_name", "register_configs"]
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key to change."""
+class EvalBackend(Choice):
+    hf = "hf"
+    """transformers; data parallel with ``accelerate launch``."""
+    vllm = "vllm"
+    """vllm: tensor / data parallel."""
 
 
 @dataclass
@@ -40,7 +47,7 @@ class EvalModelConfig:
 
 @dataclass
 class EvalConfig:
-    backend: str = "hf"
+    backend: EvalBackend = EvalBackend.hf
     """``hf`` (transformers; data parallel with ``accelerate launch``) or ``vllm`` (tensor/data parallel)."""
     tasks: list[str] = field(default_factory=list)
     """Subset of tasks: reference names (niah_single_1, qa_1, narrativeqa, mmlu...) or lm-eval's
@@ -179,8 +186,6 @@ def validate(run: EvalRunConfig) -> None:
         # lm-eval's VT generator loops forever when its ~500-token in-context example leaves no room.
         raise ConfigError(f"eval.lengths={run.eval.lengths}: RULER vt needs lengths >= 1024 "
                           "(or leave vt out of eval.tasks)")
-    if run.eval.backend not in ("hf", "vllm"):
-        raise ConfigError(f"eval.backend={run.eval.backend!r}: use hf or vllm")
     if run.eval.backend == "vllm" and importlib.util.find_spec("vllm") is None and not run.eval.prepare_only:
         raise ConfigError("eval.backend=vllm but vllm is not installed: pip install 'lm-eval[vllm]' "
                           "(GPU nodes), or use eval.backend=hf")

@@ -3,6 +3,7 @@ results.json (+ lm-eval's outputs under out_dir/lm_eval, metrics.jsonl, W&B)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,7 +15,9 @@ from typing import Any
 from eval.config import EvalRunConfig, model_name
 from eval.prepare import LeafTask, prepare
 from eval.results import categories, collect, flat_metrics
-from longattn.tracking import MetricsLogger
+from longattn.common.distributed import build_once, env_rank
+from longattn.common.io import write_json
+from longattn.common.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +59,15 @@ def evaluate_all(run: EvalRunConfig, leaves: list[LeafTask], out: Path) -> dict[
     return merged
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-
-
 def prepare_once(run: EvalRunConfig, out: Path, wait_s: float = 4 * 3600) -> list[LeafTask]:
-    """Rank 0 prepares; under ``accelerate launch`` the other ranks wait for its marker instead of generating
-    the same RULER files N times. A marker older than this process is a previous run's and is ignored."""
-    marker = out / "tasks" / ".prepared.json"
-    if _rank() == 0:
-        marker.unlink(missing_ok=True)
-        leaves = prepare(run, out / "tasks")
-        marker.write_text(json.dumps([asdict(leaf) for leaf in leaves]), encoding="utf-8")
-        return leaves
-    start, deadline = time.time() - 10, time.time() + wait_s
-    while not (marker.exists() and marker.stat().st_mtime >= start):
-        if time.time() > deadline:
-            raise TimeoutError(f"rank {_rank()}: rank 0 did not finish preparing {marker}")
-        time.sleep(2)
-    return [LeafTask(**d) for d in json.loads(marker.read_text(encoding="utf-8"))]
+    """Rank 0 prepares; under ``accelerate launch`` the other ranks wait for its marker (keyed by the run's
+    config, so an earlier run's marker is never taken for this one) instead of generating the same RULER files
+    N times."""
+    key = hashlib.sha256(json.dumps(asdict(run), sort_keys=True, default=str).encode()).hexdigest()
+    rank, _ = env_rank()
+    leaves = build_once(out / "tasks" / ".prepared.json", key,
+                        lambda: [asdict(leaf) for leaf in prepare(run, out / "tasks")], rank=rank, timeout_s=wait_s)
+    return [LeafTask(**d) for d in leaves]
 
 
 def run_eval(run: EvalRunConfig) -> dict[str, Any] | None:
@@ -91,7 +84,8 @@ def run_eval(run: EvalRunConfig) -> dict[str, Any] | None:
     doc = {**scores, "categories": categories(scores),
            "meta": {"model": model_name(run), "model_path": run.model.path, "label": asdict(run.label), "extra": dict(run.extra),
                     "seconds": time.time() - t0, "config": asdict(run)}}
-    (out / "results.json").write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
+    # results.json is the stage's completion marker: written atomically, last.
+    write_json(out / "results.json", json.loads(json.dumps(doc, default=str)))
     logger = MetricsLogger(out, run.wandb, job_type="eval", config=asdict(run))
     logger.log(flat_metrics(doc))
     logger.summary(flat_metrics(doc))

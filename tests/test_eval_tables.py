@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from eval import tables as T
-from eval.tables_cli import main, unflatten
+from longattn.cli.tables import main, unflatten
+from longattn.experiments import tables as T
 
 
 def _run(method, tokens, niah, variant="", lb_avg=None, short=None):

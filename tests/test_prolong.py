@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import sample_records
 
-from longattn.config import ModelConfig
-from longattn.scorers.prolong import (
+from longattn.common.models import ModelConfig
+from longattn.selection.scorers.prolong import (
     ProLongScorer,
     ProLongScorerConfig,
     dependency_specificity,
@@ -168,7 +168,7 @@ def test_kv_reuse_is_exact_for_opt(tmp_path, tokenizer_dir):
 def test_rope_theta_override_rebuilds_rotary(tiny_hf_dir):
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from longattn.scorers.prolong import load_causal_lm
+    from longattn.common.models import load_causal_lm
 
     model = load_causal_lm(ModelConfig(name="t", source="hf", path=str(tiny_hf_dir), rope_theta=5e5, device="cpu"), 0)
     config = AutoConfig.from_pretrained(tiny_hf_dir)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from longattn.scorers.random_scorer import budgeted_random_choice, window_uniform
-from longattn.selection import lds_scores, rank
+from longattn.selection.lds import lds_scores, rank
+from longattn.selection.scorers.random_scorer import budgeted_random_choice, window_uniform
 
 
 def test_window_uniform_is_seeded_and_order_free():
@@ -48,7 +48,7 @@ def test_single_score_with_zero_var_ranks_by_score(method):
 
 
 def run_select(out_dir: Path, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "longattn.select", f"out_dir={out_dir}", "window.length=256", *overrides]
+    cmd = [sys.executable, "-m", "longattn.cli.select", f"out_dir={out_dir}", "window.length=256", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
 

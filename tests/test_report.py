@@ -1,4 +1,4 @@
-"""Tests for longattn.report: files written, PNG valid, Markdown numbers/order/escaping right."""
+"""Tests for longattn.selection.report: files written, PNG valid, Markdown numbers/order/escaping right."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from longattn.report import write_report
+from longattn.selection.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

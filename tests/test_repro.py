@@ -21,7 +21,7 @@ METHODS = ["random", "prolong", "longattn8"]
 
 
 def sweep(root, env, slurm: bool) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "longattn.experiment", "-m", "+experiment=repro_tiny",
+    cmd = [sys.executable, "-m", "longattn.cli.pipeline", "-m", "+experiment=repro_tiny",
            f"method={','.join(METHODS)}", f"root={root}", "wandb.enabled=true"]
     if slurm:
         cmd += ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
@@ -56,12 +56,12 @@ def test_repro_tiny_sweep_to_tables(tmp_path_factory):
         for stage_dir in (sel, train, ev):  # every stage logged to W&B (offline), one group
             assert list(stage_dir.rglob("offline-run-*")), stage_dir
     # A rerun skips every finished stage (content-addressed stage dirs with DONE markers).
-    again = subprocess.run([sys.executable, "-m", "longattn.experiment", "+experiment=repro_tiny",
+    again = subprocess.run([sys.executable, "-m", "longattn.cli.pipeline", "+experiment=repro_tiny",
                             "method=random", f"root={root}", "wandb.enabled=true"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("(done, skipped)") == 3, again.stdout + again.stderr
     out = root / "tables"
-    tab = subprocess.run([sys.executable, "-m", "eval.tables_cli", "--points", str(root), "--length", "512",
+    tab = subprocess.run([sys.executable, "-m", "longattn.cli.tables", "--points", str(root), "--length", "512",
                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert tab.returncode == 0, tab.stderr[-3000:]
     table1 = (out / "table1.md").read_text()

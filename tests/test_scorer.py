@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import needs_smollm2, sample_records
 
-from longattn.config import ModelConfig
-from longattn.scorers.longattn import LongAttnScorer, LongAttnScorerConfig, encode_reference
+from longattn.common.models import ModelConfig
+from longattn.selection.scorers.longattn import LongAttnScorer, LongAttnScorerConfig, encode_reference
 
 L = 96
 

@@ -1,4 +1,4 @@
-"""End to end: `python -m longattn.select` on a tiny random LLaMA over real text, resume, bad input."""
+"""End to end: `python -m longattn.cli.select` on a tiny random LLaMA over real text, resume, bad input."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ W = 256
 
 
 def run_select(out_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "longattn.select", f"out_dir={out_dir}", f"window.length={W}",
+    cmd = [sys.executable, "-m", "longattn.cli.select", f"out_dir={out_dir}", f"window.length={W}",
            "window.workers=2", "report.top_k=3", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -97,7 +97,7 @@ def test_sigkill_at_any_point_then_rerun_is_byte_identical(tmp_path, tiny, corpu
     run_select(ref, f"data.paths=[{corpus}]", *tiny, "shard.windows=3")
     for delay in (1.0, 4.0, 7.0):
         out = tmp_path / f"killed_{delay}"
-        cmd = [sys.executable, "-m", "longattn.select", f"out_dir={out}", f"window.length={W}", "window.workers=2",
+        cmd = [sys.executable, "-m", "longattn.cli.select", f"out_dir={out}", f"window.length={W}", "window.workers=2",
                "report.top_k=3", f"data.paths=[{corpus}]", *tiny, "shard.windows=3"]
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
@@ -111,7 +111,7 @@ def test_two_ranks_equal_one(tmp_path, tiny, corpus):
     ref = tmp_path / "ref"
     run_select(ref, f"data.paths=[{corpus}]", *tiny, "shard.windows=2")
     out = tmp_path / "ws2"
-    base = [sys.executable, "-m", "longattn.select", f"out_dir={out}", f"window.length={W}", "window.workers=1",
+    base = [sys.executable, "-m", "longattn.cli.select", f"out_dir={out}", f"window.length={W}", "window.workers=1",
             "report.top_k=3", f"data.paths=[{corpus}]", *tiny, "shard.windows=2", "shard.world_size=2",
             "shard.poll_seconds=0.2"]
     procs = [subprocess.Popen([*base, f"shard.rank={r}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

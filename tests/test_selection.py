@@ -1,11 +1,11 @@
-"""LDS combination, both normalisations and budgets (SPEC 1.3)."""
+"""LDS combination, both normalisations and budgets (docs/method.md §3)."""
 
 import statistics
 
 import numpy as np
 import pytest
 
-from longattn.selection import keep_mask, lds_scores, normalize, rank, threshold
+from longattn.selection.lds import keep_mask, lds_scores, normalize, rank, threshold
 
 
 def test_zscore_matches_statistics_stdev():

@@ -34,7 +34,7 @@ def test_hydra_slurm_array_equals_local_run(cluster, tmp_path, tokenizer_dir, co
     ref = tmp_path / "local"
     run_select(ref, f"data.paths=[{corpus}]", *tiny, "shard.windows=3")
     out = tmp_path / "slurm"
-    cmd = [sys.executable, "-m", "longattn.select", "-m", "hydra/launcher=slurm",
+    cmd = [sys.executable, "-m", "longattn.cli.select", "-m", "hydra/launcher=slurm",
            "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
            "hydra.launcher.mem_gb=null", "hydra.launcher.timeout_min=20",
            f"out_dir={out}", f"window.length={W}", "window.workers=1", "report.top_k=3",

@@ -1,4 +1,4 @@
-"""Tables 5 and 10 from run directories (fabricated metrics.json files) and the CLI."""
+"""Tables 5 and 10 and the probe table from run directories (fabricated metrics.json / probe.json) and the CLI."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from longattn.tables import PAPER_TOKENS, cost_rows, find_metrics, main, stats_rows, to_csv, to_markdown
+from longattn.cli.tables import main
+from longattn.experiments.tables import (
+    PAPER_TOKENS,
+    cost_rows,
+    find_metrics,
+    from_rows,
+    stats_rows,
+    to_csv,
+    to_markdown,
+)
 
 
 def metrics(scorer: str, spw: float, length: int = 2048, model: str = "smollm2_135m") -> dict:
@@ -33,7 +42,7 @@ def test_cost_rows_ratio_and_extrapolation(runs):
     assert rows["longattncpu"]["hours_36B_tokens"] == pytest.approx(0.5 * PAPER_TOKENS / 2048 / 3600)
     paper = [r for r in cost_rows(found) if r["source"] == "paper Table 5"]
     assert [r["hours_36B_tokens"] for r in paper] == [30.0, 600.0, 50.0, 100.0]
-    # LongAttn-8B: 50 h over ~1.1M windows = ~0.16 s per window (SPEC 1.4); ProLong-8B is 12x LongAttn-8B
+    # LongAttn-8B: 50 h over ~1.1M windows = ~0.16 s per window (docs/method.md §4); ProLong-8B is 12x LongAttn-8B
     assert paper[2]["seconds_per_window"] == pytest.approx(0.164, abs=1e-3)
     assert paper[1]["relative_to_longattn"] == pytest.approx(12.0)
 
@@ -42,17 +51,20 @@ def test_stats_rows_and_formats(runs):
     rows = stats_rows(find_metrics([runs / "la"]))
     assert rows[0]["category"] == "book" and rows[0]["max_var"] == 3e-6
     assert rows[-1]["source"] == "paper Table 10" and rows[-1]["max_ds"] == 0.59
-    md = to_markdown(rows, ["method", "category", "min_ds", "max_var"])
-    assert "| longattn | book | 0.2 | 3e-06 |" in md
-    assert to_csv(rows[:1], ["method", "min_ds"]) == "method,min_ds\nlongattn,0.2\n"
+    md = to_markdown(from_rows("t10", rows, ["method", "category", "min_ds", "max_var"]))
+    assert "| longattn | book | 0.200 | 3e-06 |" in md
+    assert to_csv(from_rows("t10", rows[:1], ["method", "min_ds"])) == "method,min_ds\r\nlongattn,0.2\r\n"
 
 
 def test_cli_writes_markdown_and_csv(runs, tmp_path, capsys):
-    main(["cost", str(runs / "la"), str(runs / "pl"), "--out", str(tmp_path / "t")])
-    assert "| prolong | smollm2_135m | cpu | 2048 | 4 | 20 | 40 |" in capsys.readouterr().out
-    assert (tmp_path / "t" / "table5_cost.csv").read_text().startswith("method,model,device")
-    main(["stats", str(runs), "--no-paper", "--out", str(tmp_path / "t")])
-    assert "paper" not in (tmp_path / "t" / "table10_stats.md").read_text()
+    main(["--select", str(runs / "la"), str(runs / "pl"), "--out", str(tmp_path / "t")])
+    out = capsys.readouterr().out
+    assert "| prolong | smollm2_135m | cpu | 2048 | 4 | 20.00 | 40.00 |" in out
+    assert "**Table 1:" not in out  # no eval runs given: no evaluation tables
+    assert (tmp_path / "t" / "table5.csv").read_text().startswith("method,model,device")
+    assert "H800 (paper)" in (tmp_path / "t" / "table5.md").read_text()
+    main(["--select", str(runs), "--no-paper", "--out", str(tmp_path / "t2")])
+    assert "paper" not in (tmp_path / "t2" / "table10.md").read_text()
 
 
 def test_probe_tables_joined_with_best(tmp_path, capsys):
@@ -61,7 +73,7 @@ def test_probe_tables_joined_with_best(tmp_path, capsys):
         res = {"tag": tag, "results": [{"normalize": "zscore", "alpha": 0.5, "n": 4, "overall": auc,
                                         "categories": {"book": auc}}]}
         (tmp_path / tag / "probe.json").write_text(json.dumps(res))
-    main(["probe", str(tmp_path), "--out", str(tmp_path / "t")])
+    main(["--probe", str(tmp_path), "--out", str(tmp_path / "t")])
     out = capsys.readouterr().out
-    assert "| b | zscore | 0.5 | 0.800 | 0.800 | 4 |" in out and "best separation: b (zscore, alpha 0.5)" in out
-    assert (tmp_path / "t" / "probe_auroc.csv").read_text().splitlines()[0] == "config,normalize,alpha,book,overall,n"
+    assert "| b | zscore | 0.500 | 0.800 | 0.800 | 4 |" in out and "best separation: b (zscore, alpha 0.5)" in out
+    assert (tmp_path / "t" / "probe.csv").read_text().splitlines()[0] == "config,normalize,alpha,book,overall,n"

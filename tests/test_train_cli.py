@@ -22,7 +22,7 @@ TINY = ["model=tiny_llama", "train.seq_length=64", "train.micro_batch_size=1", "
 def run_train(out_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     keys = {o.split("=")[0] for o in overrides}
     base = [o for o in TINY if o.split("=")[0] not in keys]  # a key given twice would be ambiguous
-    cmd = [sys.executable, "-m", "train", f"out_dir={out_dir}", *base, *overrides]
+    cmd = [sys.executable, "-m", "longattn.cli.train", f"out_dir={out_dir}", *base, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -38,7 +38,7 @@ def losses(out_dir: Path) -> dict[int, float]:
 def selected(tmp_path_factory) -> Path:
     """A real longattn-select out_dir (tiny random scorer, 40 windows of 256 tokens per category)."""
     out = tmp_path_factory.mktemp("select")
-    cmd = [sys.executable, "-m", "longattn.select", "data.paths=[data/sample_corpus.jsonl.gz]",
+    cmd = [sys.executable, "-m", "longattn.cli.select", "data.paths=[data/sample_corpus.jsonl.gz]",
            "window.length=256", "window.sample_size=40", "model=tiny_llama", f"out_dir={out}",
            "report.enabled=false"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -56,7 +56,7 @@ def test_train_checkpoint_resume_export(selected, tmp_path):
     proc = run_train(resumed, *common)
     assert "resumed from" in proc.stderr + proc.stdout
     # The same run in one go, in this process (also checks the API entry point).
-    from train.cli import to_schema
+    from longattn.cli.train import to_schema
     from train.loop import run_train as run_in_process
 
     once = tmp_path / "once"

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from longattn.config import ModelConfig  # noqa: E402
+from longattn.common.models import ModelConfig  # noqa: E402
 from train.config import TrainRunConfig  # noqa: E402
 from train.hf import llama_config  # noqa: E402
 

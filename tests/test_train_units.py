@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from longattn.config import ConfigError
+from longattn.common.errors import ConfigError
 from train.config import PAPER_MIX, TrainRunConfig, derive, register_configs, validate_static
 from train.convert import Shape, from_te_names, gather_tp, hf_to_mcore, mcore_to_hf, shard_tp, to_te_names
 from train.data import blend_weights
@@ -108,12 +108,20 @@ def test_every_train_experiment_composes(name):
     ([], "train.tokens"),
     (["train.steps=3"], "data.selected"),
     (["train.steps=3", "data.selected=/s", "model.path=null"], "model.path"),
-    (["train.steps=3", "data.selected=/s", "launcher.name=pbs"], "launcher.name"),
 ])
 def test_validation_names_the_key(overrides, key):
     cfg = _compose("model=llama3_8b", "model.path=/m", "out_dir=/tmp/x", *overrides)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_static(cfg)
+
+
+@pytest.mark.parametrize("override,key", [("launcher.name=pbs", "launcher.name"), ("schedule.decay=step", "schedule.decay")])
+def test_choice_fields_refuse_other_values_naming_the_key(override, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose("model=llama3_8b", "model.path=/m", "out_dir=/tmp/x", override)
+    assert f"full_key: {key}" in str(e.value.__cause__) and "expected one of" in str(e.value.__cause__)
 
 
 def test_derive_rejects_a_world_size_tp_does_not_divide():

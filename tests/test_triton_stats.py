@@ -19,7 +19,7 @@ CASES = [(64, 4, 2, 16, None), (128, 4, 1, 32, 100), (96, 2, 2, 16, 40)]
 _SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
-from longattn.triton_stats import triton_far_attention_stats
+from longattn.selection.triton_stats import triton_far_attention_stats
 from test_attention_stats import literal_reference, rel
 out = []
 for L, h, hkv, d, n_valid in {cases!r}:
@@ -48,7 +48,7 @@ def test_kernel_equals_literal_in_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernel_on_gpu(dtype):
-    from longattn.triton_stats import triton_far_attention_stats
+    from longattn.selection.triton_stats import triton_far_attention_stats
 
     assert os.environ.get("TRITON_INTERPRET") != "1"
     g = torch.Generator().manual_seed(0)

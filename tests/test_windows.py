@@ -1,4 +1,4 @@
-"""Algorithm 1 (SPEC 1.1) branch by branch, and the streamed pre-processing with its counters."""
+"""Algorithm 1 (docs/method.md §1) branch by branch, and the streamed pre-processing with its counters."""
 
 import gzip
 import json
@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from longattn.config import DataConfig, WindowConfig
-from longattn.windows import PreprocessStats, documents, slide_windows
+from longattn.selection.config import DataConfig, WindowConfig
+from longattn.selection.windows import PreprocessStats, documents, slide_windows
 
 W = 10
 

@@ -1,3 +1,3 @@
-from train.cli import main
+from longattn.cli.train import main
 
 main()

@@ -13,11 +13,33 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from longattn.config import ConfigError, ModelConfig
-from longattn.tracking import WandbConfig
+from longattn.common.errors import Choice, ConfigError
+from longattn.common.models import ModelConfig, ModelSource
+from longattn.common.tracking import WandbConfig
 
 # Paper Table 7 (percent of training tokens): short-context sources and the three selected long categories.
 PAPER_MIX = {"wiki": 3.0, "github": 3.0, "web": 4.0, "arxiv": 30.0, "book": 30.0, "code": 30.0}
+
+
+class DecayStyle(Choice):
+    """Decay styles of megatron's OptimizerParamScheduler (``inverse_square_root`` is its ``inverse-square-root``)."""
+
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    WSD = "WSD"
+    inverse_square_root = "inverse_square_root"
+
+    @property
+    def megatron(self) -> str:
+        return self.value.replace("_", "-")
+
+
+class LauncherName(Choice):
+    local = "local"
+    """This process, or torchrun with ``nproc_per_node`` > 1."""
+    slurm = "slurm"
+    """Write (and optionally submit) an sbatch script."""
 
 
 @dataclass
@@ -57,8 +79,8 @@ class ScheduleConfig:
     """Peak learning rate (paper: 1e-5)."""
     min_lr: float = 0.0
     """Final learning rate of the decay."""
-    decay: str = "cosine"
-    """Decay style of megatron's OptimizerParamScheduler: cosine, linear, constant, WSD."""
+    decay: DecayStyle = DecayStyle.cosine
+    """Decay style of megatron's OptimizerParamScheduler."""
     warmup_fraction: float = 0.01
     """Warm-up steps as a fraction of the run (the paper does not state it)."""
     weight_decay: float = 0.1
@@ -105,7 +127,7 @@ class TrainConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"
+    name: LauncherName = LauncherName.local
     """``local`` (this process, or torchrun with ``nproc_per_node`` > 1) or ``slurm`` (writes an sbatch script)."""
     nodes: int = 1
     """Nodes (slurm)."""
@@ -158,11 +180,11 @@ def validate_static(cfg: TrainRunConfig) -> None:
         raise ConfigError(f"train.steps={t.steps} must be >= 1")
     if not cfg.data.selected and not short_sources(cfg.data):
         raise ConfigError("no data: set data.selected=DIR (a longattn-select out_dir) and/or data.short={...}")
-    if m.source not in ("hf", "random"):
-        raise ConfigError(f"model.source={m.source!r}: training takes hf (model.path=DIR) or random models")
-    if m.source == "hf" and not m.path:
+    if m.source == ModelSource.gguf:
+        raise ConfigError(f"model.source={m.source}: training takes hf (model.path=DIR) or random models")
+    if m.source == ModelSource.hf and not m.path:
         raise ConfigError(f"model={m.name} needs model.path=/path/to/hf/model/dir")
-    if m.source == "random" and not m.tokenizer:
+    if m.source == ModelSource.random and not m.tokenizer:
         raise ConfigError(f"model={m.name} (random) needs model.tokenizer=DIR_OR_GGUF")
     if t.seq_length < 8:
         raise ConfigError(f"train.seq_length={t.seq_length} is too small")
@@ -170,13 +192,9 @@ def validate_static(cfg: TrainRunConfig) -> None:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
     if not 0.0 <= t.dropout < 1.0:
         raise ConfigError(f"train.dropout={t.dropout} must be in [0, 1)")
-    if cfg.schedule.decay not in ("cosine", "linear", "constant", "WSD", "inverse-square-root"):
-        raise ConfigError(f"schedule.decay={cfg.schedule.decay!r}: use cosine, linear or constant")
     if cfg.parallel.pipeline != 1:
         # HF weight loading/export map global layer numbers onto one stage; the paper trains with PP 1.
         raise ConfigError(f"parallel.pipeline={cfg.parallel.pipeline}: only 1 is supported (the paper uses PP 1)")
-    if cfg.launcher.name not in ("local", "slurm"):
-        raise ConfigError(f"launcher.name={cfg.launcher.name!r}: use local or slurm")
     for name in short_sources(cfg.data):
         if name not in cfg.data.weights:
             raise ConfigError(f"data.short.{name} has no blend weight: set data.weights.{name}=W")
@@ -190,7 +208,7 @@ def derive(cfg: TrainRunConfig, world_size: int) -> None:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor*pipeline*context "
                           f"= {model_parallel}")
     p.data = world_size // model_parallel
-    if cfg.model.source == "random" and cfg.model.num_key_value_heads % p.tensor:
+    if cfg.model.source == ModelSource.random and cfg.model.num_key_value_heads % p.tensor:
         raise ConfigError(f"parallel.tensor={p.tensor} must divide model.num_key_value_heads "
                           f"({cfg.model.num_key_value_heads}): megatron splits whole query groups")
     if t.seq_length % (2 * p.context) and p.context > 1:

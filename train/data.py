@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from longattn.config import ModelConfig
-from longattn.io import iter_records, read_jsonl
+from longattn.common.io import iter_records, read_jsonl
+from longattn.common.models import ModelConfig
 from train.config import DataMixConfig, short_sources
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def blend_weights(weights: dict[str, float], present: Iterable[str]) -> dict[str
 
 def _init_worker(model_cfg: ModelConfig) -> None:
     global _TOKENIZER
-    from longattn.model import load_tokenizer
+    from longattn.common.models import load_tokenizer
 
     _TOKENIZER = load_tokenizer(model_cfg)
 

@@ -1,6 +1,6 @@
 """The HF side of training: the LLaMA config of ``model=...``, its weights, and the exported ``hf/`` directory.
 
-A ``random`` model (tiny_llama) is a seeded ``LlamaForCausalLM`` with the dims of ModelConfig, so runs at any
+A ``random`` model (tiny_llama) is the one random LLaMA of ``longattn.common.models``, so runs at any
 tensor-parallel size start from the same weights. ``model.rope_theta`` sets the RoPE base (ABF, 2.5e6 for
 LLaMA-3 at 32k) in both the megatron model and the exported config.
 """
@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from longattn.config import ModelConfig
+from longattn.common.models import ModelConfig, ModelSource, random_llama_config, random_llama_weights
 from train.convert import Shape
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seq_length: int) -> LlamaConfig:
     """The architecture to train: the checkpoint's (hf) or ModelConfig's dims (random); ABF theta applied."""
-    if cfg.source == "hf":
+    if cfg.source == ModelSource.hf:
         src = AutoConfig.from_pretrained(cfg.path)
         if src.model_type != "llama":
             raise ValueError(f"model.path={cfg.path}: model_type={src.model_type!r}, training needs llama")
@@ -32,13 +32,8 @@ def llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seq_lengt
             raise ValueError(f"model.path={cfg.path}: rope_type={rope['rope_type']!r} is not supported "
                              "(LLaMA-3 with plain RoPE and an ABF base is)")
         conf = LlamaConfig(**{k: v for k, v in src.to_dict().items() if k not in ("architectures",)})
-    else:
-        conf = LlamaConfig(
-            vocab_size=cfg.vocab_size or len(tokenizer), hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads, rms_norm_eps=cfg.rms_norm_eps,
-            tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    else:  # the same network as the scorers' model=... (longattn.common.models)
+        conf = random_llama_config(cfg, len(tokenizer), tokenizer)
     theta = float(cfg.rope_theta) if cfg.rope_theta is not None else float(conf.rope_parameters["rope_theta"])
     conf.rope_parameters = {"rope_type": "default", "rope_theta": theta}
     conf.max_position_embeddings = max(seq_length, conf.max_position_embeddings or 0)
@@ -53,15 +48,14 @@ def shape_of(conf: LlamaConfig) -> Shape:
                  vocab_size=conf.vocab_size)
 
 
-def initial_weights(cfg: ModelConfig, conf: LlamaConfig, seed: int) -> dict[str, torch.Tensor]:
-    """HF state dict of the starting point: the checkpoint's tensors (hf) or a seeded random init."""
-    if cfg.source == "hf":
+def initial_weights(cfg: ModelConfig, conf: LlamaConfig) -> dict[str, torch.Tensor]:
+    """HF state dict of the starting point: the checkpoint's tensors (hf) or the random model of ``cfg``."""
+    if cfg.source == ModelSource.hf:
         return read_safetensors(Path(cfg.path))
-    g_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(conf)
-    torch.random.set_rng_state(g_state)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    weights = random_llama_weights(conf, cfg.seed)
+    if "lm_head.weight" not in weights:  # a tied random model is trained untied (megatron's own output layer)
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    return weights
 
 
 def read_safetensors(root: Path) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ def torchrun_command(lc: LauncherConfig, overrides: list[str], *, nnodes: str = 
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}", "--rdzv-id=$SLURM_JOB_ID"]
     else:  # one node: torchrun picks a free port, so concurrent local runs do not collide
         cmd += ["--standalone"]
-    return cmd + ["-m", "train", *overrides]
+    return cmd + ["-m", "longattn.cli.train", *overrides]
 
 
 def launch_local(cfg: TrainRunConfig, overrides: list[str]) -> bool:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longattn.model import load_tokenizer
-from longattn.tracking import MetricsLogger
+from longattn.common.models import load_tokenizer
+from longattn.common.tracking import MetricsLogger
 from train import megatron_backend as B
 from train.config import TrainRunConfig, derive
 from train.convert import from_te_names, gather_tp, hf_to_mcore, mcore_to_hf, shard_tp, to_te_names
@@ -140,7 +140,7 @@ def resume(path: Path, opt: B.Optim, rank: int) -> RunState:
 
 
 def load_initial(model: torch.nn.Module, cfg: TrainRunConfig, conf: Any, padded_vocab: int) -> None:
-    full = hf_to_mcore(initial_weights(cfg.model, conf, cfg.train.seed), shape_of(conf), padded_vocab)
+    full = hf_to_mcore(initial_weights(cfg.model, conf), shape_of(conf), padded_vocab)
     local = shard_tp(full, cfg.parallel.tensor, B.tp_rank())
     B.load_local_state_dict(model, to_te_names(local) if B.uses_te_names() else local)
 

@@ -35,6 +35,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from train.config import DecayStyle
 from train.convert import Shape
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def build_optimizer(model: GPTModel, config: TransformerConfig, sched: Any, *, s
     warmup = int(round(sched.warmup_fraction * steps))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else sched.lr, max_lr=sched.lr, min_lr=sched.min_lr,
-        lr_warmup_steps=warmup, lr_decay_steps=steps, lr_decay_style=sched.decay,
+        lr_warmup_steps=warmup, lr_decay_steps=steps, lr_decay_style=DecayStyle(sched.decay).megatron,
         start_wd=sched.weight_decay, end_wd=sched.weight_decay, wd_incr_steps=steps, wd_incr_style="constant")
     config.finalize_model_grads_func = finalize_model_grads
     return Optim(ddp, optimizer, scheduler)

@@ -1,0 +1,45 @@
+"""What every stage's Hydra entry point shares: where ``conf/`` is, and YAML -> validated dataclass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+T = TypeVar("T")
+
+# ${mul:${tokens},0.3}: a token budget that is a fraction of another (per-category share of a training set).
+if not OmegaConf.has_resolver("mul"):
+    OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
+# ${alpha_variant:${alpha}} -> the Table 4 row name of an LDS weight ("" for the paper's default 0.5).
+if not OmegaConf.has_resolver("alpha_variant"):
+    OmegaConf.register_new_resolver(
+        "alpha_variant", lambda a: {0.5: "", 1.0: "alpha=1", 0.0: "w/o DU"}.get(float(a), f"alpha={float(a):g}"))
+# ${repo:tests/data/x.jsonl} -> an absolute path inside this repository (committed sample data).
+if not OmegaConf.has_resolver("repo"):
+    OmegaConf.register_new_resolver("repo", lambda rel: str(Path(CONF_DIR).parent / rel))
+# ${billions:${tokens}} -> "5B": readable names of experiment points.
+if not OmegaConf.has_resolver("billions"):
+    OmegaConf.register_new_resolver("billions", lambda x: f"{float(x) / 1e9:g}B")
+
+# An absolute path: entry points must find conf/ from any working directory (and from installed scripts).
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def to_dataclass(schema: type[T], cfg: DictConfig, validate: Callable[[T], Any] | None = None) -> T:
+    """Merge the composed YAML into the typed schema (type errors name the key), then validate it."""
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    obj: T = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if validate is not None:
+        validate(obj)
+    return obj
+
+
+def save_config(cfg: DictConfig, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Create ``out_dir`` and write the resolved config into it (the run's record of what it did)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / name, resolve=True)
+    return out / name
