@@ -12,6 +12,7 @@ import torch
 from conftest import sample_records
 
 from longattn.common.models import ModelConfig
+from longattn.selection.scorers import score_windows
 from longattn.selection.scorers.prolong import (
     ProLongScorer,
     ProLongScorerConfig,
@@ -132,7 +133,7 @@ def test_batched_scorer_equals_literal_reference(tiny_hf_dir, kv_reuse, sample_s
     cfg = ProLongScorerConfig(chunk_size=CHUNK, sample_size=sample_size, kv_reuse=kv_reuse, forward_batch=4)
     scorer = ProLongScorer(cfg, ModelConfig(name="tiny", source="hf", path=str(tiny_hf_dir)), W)
     wins = windows()
-    rows = scorer.score(wins)
+    rows = score_windows(scorer, wins)
     with torch.inference_mode():
         ref = [literal_prolong(scorer.model, scorer.tokenizer, w["content"], length=W, chunk=CHUNK,
                                sample_size=sample_size) for w in wins]
@@ -159,7 +160,7 @@ def test_kv_reuse_is_exact_for_opt(tmp_path, tokenizer_dir):
     rows = {}
     for kv in (True, False):
         scorer = ProLongScorer(ProLongScorerConfig(chunk_size=CHUNK, sample_size=-1, kv_reuse=kv), mcfg, W)
-        rows[kv] = scorer.score(windows(2))
+        rows[kv] = score_windows(scorer, windows(2))
     for a, b in zip(rows[True], rows[False], strict=True):
         assert a["prolong_lds"] == pytest.approx(b["prolong_lds"], rel=1e-4, abs=1e-6)
         assert a["mean_pair_ppl"] == pytest.approx(b["mean_pair_ppl"], rel=1e-5)

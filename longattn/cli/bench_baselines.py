@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from longattn.common.models import ModelConfig
+from longattn.selection.scorers import score_windows
 from longattn.selection.scorers.longattn import LongAttnScorer, LongAttnScorerConfig
 from longattn.selection.scorers.prolong import ProLongScorer, ProLongScorerConfig
 from longattn.selection.scorers.random_scorer import RandomScorer, RandomScorerConfig
@@ -36,9 +37,9 @@ def _windows(n: int) -> list[dict[str, Any]]:
 
 def _per_window(scorer: Any, windows: list[dict[str, Any]]) -> tuple[float, list[dict[str, Any]]]:
     # Warm-up on a short piece (first-call allocations, kernel selection) without paying a whole window.
-    scorer.score([{**windows[0], "data_id": "warm-up", "content": windows[0]["content"][:3000]}])
+    score_windows(scorer, [{**windows[0], "data_id": "warm-up", "content": windows[0]["content"][:3000]}])
     t0 = time.perf_counter()
-    rows = scorer.score(windows)
+    rows = score_windows(scorer, windows)
     return (time.perf_counter() - t0) / len(windows), rows
 
 

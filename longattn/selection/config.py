@@ -68,7 +68,7 @@ class ScorerConfig:
     """Windows per scoring call."""
 
     def validate(self, length: int) -> None:
-        """Scorer-specific checks; errors name the key to change."""
+        """Scorer-specific checks; raise ``ConfigError`` naming the key to change."""
 
 
 @dataclass
@@ -118,10 +118,7 @@ def validate(cfg: SelectRunConfig) -> None:
     W = cfg.window.length
     if W < 8:
         raise ConfigError(f"window.length={W} is too small (at least 8 tokens)")
-    try:
-        cfg.scorer.validate(W)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    cfg.scorer.validate(W)
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty: give input files, e.g. data.paths=[corpus.jsonl.gz]")
     if cfg.select.tokens is None and cfg.select.fraction is None:

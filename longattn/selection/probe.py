@@ -22,11 +22,12 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from longattn.common.errors import Choice, ConfigError
 from longattn.common.io import atomic_writer, iter_records, read_jsonl, write_json
+from longattn.common.models import ModelConfig
 from longattn.selection.config import (
-    ConfigError,
     DataConfig,
-    ModelConfig,
+    Normalize,
     ReportConfig,
     SelectConfig,
     SelectRunConfig,
@@ -55,9 +56,16 @@ class ProbeDataConfig:
     """Keep at most this many records per (category, label), in input order (small CI probes); null = all."""
 
 
+class Negatives(Choice):
+    concat = "concat"
+    """Short documents of a category glued together."""
+    shuffle = "shuffle"
+    """Blocks of several long documents interleaved."""
+
+
 @dataclass
 class BuildConfig:
-    negatives: str | None = None
+    negatives: Negatives | None = None
     """null: ``data.paths`` are labelled already. ``concat``: positives = documents of at least ``chars``
     characters, negatives = short documents (< ``short_chars``) of a category glued to ``chars``. ``shuffle``:
     positives = long documents, negatives = blocks of ``group`` long documents interleaved."""
@@ -81,7 +89,7 @@ class ProbeRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     scorer: Any = MISSING
     """The scorer's own config (``scorer=`` group: longattn, prolong, random)."""
-    normalize: list[str] = field(default_factory=lambda: ["zscore", "minmax"])
+    normalize: list[Normalize] = field(default_factory=lambda: [Normalize.zscore, Normalize.minmax])
     """Normalisations of the selection score to report (per category, as the selection)."""
     alpha: list[float] = field(default_factory=lambda: [0.5])
     """Values of alpha to report (LDS = norm(DS) - alpha * norm(Var))."""
@@ -95,18 +103,10 @@ class ProbeRunConfig:
 
 def validate(cfg: ProbeRunConfig) -> None:
     if not cfg.data.paths:
-        raise ConfigError("data.paths is empty: give labelled records, e.g. data.paths=[probe_dev.jsonl.gz]")
-    if cfg.build.negatives not in (None, "concat", "shuffle"):
-        raise ConfigError(f"build.negatives={cfg.build.negatives!r}: use null, concat or shuffle")
-    for m in cfg.normalize:
-        if m not in ("zscore", "minmax"):
-            raise ConfigError(f"normalize={m!r}: use zscore or minmax")
+        raise ConfigError("data.paths is empty: give labelled records, e.g. data.paths=[data/sample_corpus.jsonl.gz]")
     if cfg.build.group < 2:
         raise ConfigError(f"build.group={cfg.build.group} must be >= 2")
-    try:
-        cfg.scorer.validate(cfg.window.length)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    cfg.scorer.validate(cfg.window.length)
 
 
 # --- the science (pure) -----------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def build_labelled(records: Iterator[dict[str, Any]], cfg: BuildConfig, text_key
         if not isinstance(text, str):
             continue
         cat = str(r.get(cfg.category_key) or "default")
-        if cfg.negatives == "concat":
+        if cfg.negatives == Negatives.concat:
             if len(text) >= cfg.chars:
                 yield {"category": cat, "label": 1, "text": _cut(text, cfg.chars)}
             elif len(text) < cfg.short_chars:

@@ -24,6 +24,7 @@ from longattn.common.distributed import resolve_rank
 from longattn.common.io import JsonlAppender, write_json
 from longattn.selection.config import SelectRunConfig
 from longattn.selection.merge import merge_outputs, shard_path
+from longattn.selection.scorers import Scorer
 from longattn.selection.shards import MergeMode, Plan, my_shards
 from longattn.selection.sources import iter_shard, plan_windows
 
@@ -135,19 +136,10 @@ def _score_shards(cfg: SelectRunConfig, plan: Plan, shards_dir: Path, rank: int,
     _record_rank(shards_dir, rank, scorer)  # again at the end, with the scoring's peak memory
 
 
-def _record_rank(shards_dir: Path, rank: int, scorer: Any) -> None:
+def _record_rank(shards_dir: Path, rank: int, scorer: Scorer) -> None:
     write_json(shards_dir / f"rank-{rank:05d}.json", {
-        "load_seconds": scorer.load_seconds, "device": _device_name(scorer),
+        "load_seconds": scorer.load_seconds, "device": scorer.device,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-
-
-def _device_name(scorer: Any) -> str:
-    dev = getattr(getattr(scorer, "model", None), "device", None)
-    if dev is not None and str(dev).startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(dev)
-    return "cpu"
 
 
 def _batches(windows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -161,17 +153,13 @@ def _batches(windows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict
         yield batch
 
 
-def _prepared(scorer: Any, batches: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[list[dict[str, Any]], Any]]:
+def _prepared(scorer: Scorer, batches: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[list[dict[str, Any]], Any]]:
     """(batch, prepared input): the next batch is tokenised in a thread while this one is scored
     (fast tokenizers and torch kernels release the GIL)."""
-    prepare = getattr(scorer, "prepare", None)
-    if prepare is None:
-        yield from ((b, None) for b in batches)
-        return
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for b in batches:
-            future = pool.submit(prepare, b)
+            future = pool.submit(scorer.prepare, b)
             if pending is not None:
                 yield pending[0], pending[1].result()
             pending = (b, future)
@@ -179,7 +167,7 @@ def _prepared(scorer: Any, batches: Iterator[list[dict[str, Any]]]) -> Iterator[
             yield pending[0], pending[1].result()
 
 
-def _score_shard(cfg: SelectRunConfig, plan: Plan, shard: int, shards_dir: Path, scorer: Any, bar: tqdm) -> None:
+def _score_shard(cfg: SelectRunConfig, plan: Plan, shard: int, shards_dir: Path, scorer: Scorer, bar: tqdm) -> None:
     """Score one shard into its journal; rename it when complete (the completion marker)."""
     journal = JsonlAppender(shard_path(shards_dir, shard, "partial.jsonl"))
     clock = shard_path(shards_dir, shard, "timing.json")
@@ -188,7 +176,7 @@ def _score_shard(cfg: SelectRunConfig, plan: Plan, shard: int, shards_dir: Path,
     todo = (w for w in iter_shard(plan, shard, cfg.data) if w["data_id"] not in journal.done)
     for batch, prepared in _prepared(scorer, _batches(todo, cfg.scorer.batch_size)):
         t0 = time.perf_counter()
-        rows = scorer.score(batch, prepared) if prepared is not None else scorer.score(batch)
+        rows = scorer.score(batch, prepared)
         timing["score_seconds"] += time.perf_counter() - t0
         timing["windows"] += len(rows)
         journal.write_many(rows)

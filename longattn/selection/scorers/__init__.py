@@ -15,14 +15,27 @@ import torch
 from longattn.common.models import ModelConfig
 from longattn.selection.config import ScorerConfig
 
-__all__ = ["Scorer", "SCORERS", "register_scorer", "build_scorer", "stats_row", "SCORER_MODULES"]
+__all__ = ["Scorer", "SCORERS", "register_scorer", "build_scorer", "stats_row", "SCORER_MODULES", "device_name", "score_windows"]
 
 
 class Scorer(Protocol):
-    load_seconds: float
+    """What the selection stage needs of a scorer: built from (its config, the model config, window length)."""
 
-    def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Rows with at least ``data_id``, ``category``, ``n_tokens``, ``ds``, ``var`` for each window.
+    load_seconds: float
+    """Seconds spent loading the model and tokenizer (reported in metrics.json)."""
+
+    @property
+    def device(self) -> str:
+        """Where it computes: ``cpu`` or the GPU's name (reported in metrics.json and the cost table)."""
+        ...
+
+    def prepare(self, windows: list[dict[str, Any]]) -> Any:
+        """The CPU side of a batch (tokenising, padding), run in a thread while the previous batch is scored."""
+        ...
+
+    def score(self, windows: list[dict[str, Any]], prepared: Any) -> list[dict[str, Any]]:
+        """Rows with at least ``data_id``, ``category``, ``n_tokens``, ``ds``, ``var`` for each window, from
+        ``prepared = self.prepare(windows)``.
 
         ``ds`` is the quantity ranked first (higher is better) and ``var`` the one penalised by alpha;
         a scorer with a single score sets ``var`` to 0.
@@ -30,7 +43,18 @@ class Scorer(Protocol):
         ...
 
 
-SCORERS: dict[str, tuple[type, Callable[..., Scorer]]] = {}
+def score_windows(scorer: Scorer, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prepare and score in one call (tests, benchmarks); the pipeline overlaps the two instead."""
+    return scorer.score(windows, scorer.prepare(windows))
+
+
+def device_name(device: torch.device | str) -> str:
+    """``cpu``, or the name of the CUDA device (``NVIDIA H100 80GB HBM3``)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+SCORERS: dict[str, tuple[type[ScorerConfig], Callable[[Any, ModelConfig, int], Scorer]]] = {}
 """name -> (config dataclass, scorer class)."""
 SCORER_MODULES = ["longattn.selection.scorers.longattn", "longattn.selection.scorers.prolong", "longattn.selection.scorers.random_scorer",
                   "longattn.selection.scorers.layers"]

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
+from longattn.common.errors import Choice, ConfigError
 from longattn.common.models import ModelConfig
 from longattn.selection.attention_stats import far_attention_stats, naive_far_attention_stats
-from longattn.selection.scorers import register_scorer, stats_row
+from longattn.selection.scorers import device_name, register_scorer, stats_row
 from longattn.selection.scorers.longattn import (
     LongAttnScorerConfig,
+    ScoringInput,
     encode_reference,
     encode_tokens,
     pad_batch,
@@ -26,6 +28,15 @@ from longattn.selection.scorers.longattn import (
 )
 
 __all__ = ["LayersScorerConfig", "LayersScorer"]
+
+
+class LayersBackend(Choice):
+    """This scorer runs the whole model up to the deepest layer in torch: no fused kernel."""
+
+    torch = "torch"
+    """The blockwise pass."""
+    naive = "naive"
+    """The literal L x L definition, for checks only."""
 
 
 @dataclass
@@ -36,13 +47,15 @@ class LayersScorerConfig(LongAttnScorerConfig):
     """Decoder layers whose attention statistics are averaged (0 = the paper's first layer)."""
     heads: list[int] | None = None
     """Query heads averaged (indices within a layer); null = all."""
+    backend: LayersBackend = LayersBackend.torch  # type: ignore[assignment]
+    """``torch`` (blockwise) or ``naive`` (literal L x L, for checks)."""
 
     def validate(self, length: int) -> None:
         super().validate(length)
         if not self.layers or min(self.layers) < 0:
-            raise ValueError(f"scorer.layers={self.layers}: give layer indices >= 0, e.g. [0]")
+            raise ConfigError(f"scorer.layers={self.layers}: give layer indices >= 0, e.g. [0]")
         if self.heads is not None and (not self.heads or min(self.heads) < 0):
-            raise ValueError(f"scorer.heads={self.heads}: give head indices >= 0, or null for all")
+            raise ConfigError(f"scorer.heads={self.heads}: give head indices >= 0, or null for all")
 
 
 class _Stop(Exception):
@@ -62,13 +75,21 @@ class LayersScorer:
         self.model = load_causal_lm(model_cfg, len(self.tokenizer))
         decoder = self.model.model.layers
         if max(cfg.layers) >= len(decoder):
-            raise ValueError(f"scorer.layers={cfg.layers}: model {model_cfg.name} has {len(decoder)} layers")
+            raise ConfigError(f"scorer.layers={cfg.layers}: model {model_cfg.name} has {len(decoder)} layers")
         heads = self.model.config.num_attention_heads
         if cfg.heads is not None and max(cfg.heads) >= heads:
-            raise ValueError(f"scorer.heads={cfg.heads}: model {model_cfg.name} has {heads} query heads")
+            raise ConfigError(f"scorer.heads={cfg.heads}: model {model_cfg.name} has {heads} query heads")
         self.pad_id = reference_pad_id(self.tokenizer)
-        self.encode = encode_reference if cfg.input == "reference" else encode_tokens
+        self.encode = encode_reference if cfg.input == ScoringInput.reference else encode_tokens
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def device(self) -> str:
+        return device_name(next(self.model.parameters()).device)
+
+    def prepare(self, windows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
+        """Token ids [B, L] and real lengths, made in the pipeline's tokenising thread."""
+        return pad_batch(windows, self.tokenizer, self.encode, self.length, self.pad_id)
 
     def _qk(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """RoPE'd q [B, H, L, d] and k [B, Hkv, L, d] of each requested layer, from its input hidden states."""
@@ -101,9 +122,9 @@ class LayersScorer:
         return out
 
     @torch.inference_mode()
-    def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def score(self, windows: list[dict[str, Any]], prepared: tuple[torch.Tensor, list[int]]) -> list[dict[str, Any]]:
         device = next(self.model.parameters()).device
-        ids, n_valid = pad_batch(windows, self.tokenizer, self.encode, self.length, self.pad_id)
+        ids, n_valid = prepared
         mask = (torch.arange(self.length)[None] < torch.tensor(n_valid)[:, None]).long()
         qk = self._qk(ids.to(device), mask.to(device))
         rows = []
@@ -111,7 +132,7 @@ class LayersScorer:
             ds, var = [], []
             for layer in self.cfg.layers:
                 q, k = qk[layer]
-                if self.cfg.backend == "naive":
+                if self.cfg.backend == LayersBackend.naive:
                     d, v = naive_far_attention_stats(q[i].float(), k[i].float(), min_distance=self.cfg.min_distance,
                                                      n_valid=n)
                 else:

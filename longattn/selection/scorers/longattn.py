@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
+from longattn.common.errors import Choice, ConfigError
 from longattn.common.models import ModelConfig
 from longattn.selection.attention_stats import far_attention_stats, naive_far_attention_stats
 from longattn.selection.config import ScorerConfig
-from longattn.selection.scorers import register_scorer, stats_row
+from longattn.selection.scorers import device_name, register_scorer, stats_row
 from longattn.selection.triton_stats import triton_available, triton_far_attention_stats
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,29 @@ log = logging.getLogger(__name__)
 __all__ = ["LongAttnScorerConfig", "LongAttnScorer", "encode_reference", "encode_tokens"]
 
 
+class ScoringInput(Choice):
+    reference = "reference"
+    """``bos + ' ' + content`` with special tokens, truncated / padded with eos to L (the reference)."""
+    tokens = "tokens"
+    """The window's own token ids (no re-tokenisation, no padding when exactly L)."""
+
+
+class Backend(Choice):
+    auto = "auto"
+    """``triton`` on CUDA when installed and the head dimension allows it, else ``torch``."""
+    torch = "torch"
+    """The blockwise pass (any device)."""
+    triton = "triton"
+    """The fused Triton kernel (CUDA)."""
+    naive = "naive"
+    """The literal L x L definition, for checks only."""
+
+
 @dataclass
 class LongAttnScorerConfig(ScorerConfig):
     name: str = "longattn"
     """Registry key of the scorer."""
-    input: str = "reference"
+    input: ScoringInput = ScoringInput.reference
     """``reference``: tokenise ``bos + ' ' + content`` with special tokens, pad/truncate to L with eos (the reference);
     ``tokens``: score the window's own token ids (no re-tokenisation, no padding when exactly L)."""
     min_distance: int | None = None
@@ -34,21 +53,17 @@ class LongAttnScorerConfig(ScorerConfig):
     """Query rows per block of the blockwise pass (memory O(L x block x group))."""
     batch_size: int = 1
     """Windows per forward pass."""
-    backend: str = "auto"
+    backend: Backend = Backend.auto
     """``auto`` (``triton`` on CUDA when installed, else ``torch``) | ``torch`` (blockwise) | ``triton`` (fused
     kernel) | ``naive`` (literal L x L, for checks only)."""
 
     def validate(self, length: int) -> None:
         if length % 4 != 0 and self.min_distance is None:
-            raise ValueError(f"window.length={length} must be divisible by 4 (k = L/4), or set scorer.min_distance")
-        if self.input not in ("reference", "tokens"):
-            raise ValueError(f"scorer.input={self.input!r}: use reference or tokens")
-        if self.backend not in ("auto", "torch", "triton", "naive"):
-            raise ValueError(f"scorer.backend={self.backend!r}: use auto, torch, triton or naive")
+            raise ConfigError(f"window.length={length} must be divisible by 4 (k = L/4), or set scorer.min_distance")
         if self.block_size < 1:
-            raise ValueError(f"scorer.block_size={self.block_size} must be >= 1")
+            raise ConfigError(f"scorer.block_size={self.block_size} must be >= 1")
         if self.batch_size < 1:
-            raise ValueError(f"scorer.batch_size={self.batch_size} must be >= 1")
+            raise ConfigError(f"scorer.batch_size={self.batch_size} must be >= 1")
 
 
 def encode_reference(tokenizer: Any, content: str, length: int) -> list[int]:
@@ -106,13 +121,17 @@ class LongAttnScorer:
         self.tokenizer = load_tokenizer(model_cfg)
         self.model = load_first_layer(model_cfg)
         self.pad_id = reference_pad_id(self.tokenizer)
-        self.encode = encode_reference if cfg.input == "reference" else encode_tokens
+        self.encode = encode_reference if cfg.input == ScoringInput.reference else encode_tokens
         self.backend = resolve_backend(cfg.backend, self.model.device, self.model.head_dim)
         self._stats: Callable[..., tuple[torch.Tensor, torch.Tensor]] = {
             "naive": naive_far_attention_stats, "torch": self._blockwise, "triton": triton_far_attention_stats,
         }[self.backend]
         log.info("scorer backend: %s on %s", self.backend, self.model.device)
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def device(self) -> str:
+        return device_name(self.model.device)
 
     def _blockwise(self, q: torch.Tensor, k: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return far_attention_stats(q, k, block_size=self.cfg.block_size, **kw)
@@ -122,8 +141,8 @@ class LongAttnScorer:
         return pad_batch(windows, self.tokenizer, self.encode, self.length, self.pad_id)
 
     @torch.inference_mode()
-    def score(self, windows: list[dict[str, Any]], prepared: Any = None) -> list[dict[str, Any]]:
-        ids, n_valid = prepared if prepared is not None else self.prepare(windows)  # moved to the model's device there
+    def score(self, windows: list[dict[str, Any]], prepared: tuple[torch.Tensor, list[int]]) -> list[dict[str, Any]]:
+        ids, n_valid = prepared  # moved to the model's device in stats_for_ids
         stats = self.stats_for_ids(self.model, ids, n_valid, self.cfg, self._stats)
         return [stats_row(w, n, ds, var) for w, n, (ds, var) in zip(windows, n_valid, stats, strict=True)]
 

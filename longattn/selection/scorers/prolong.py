@@ -23,14 +23,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from longattn.common.errors import Choice, ConfigError
 from longattn.common.models import ModelConfig, load_causal_lm, load_tokenizer
 from longattn.selection.config import ScorerConfig
-from longattn.selection.scorers import register_scorer
+from longattn.selection.scorers import device_name, register_scorer
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ProLongScorerConfig", "ProLongScorer", "split_chunks", "sample_pairs", "dependency_specificity",
            "prolong_lds"]
+
+
+class PairRng(Choice):
+    fixed = "fixed"
+    """A fresh ``random.Random(seed)`` per window: the reference's draws for a window it scores first."""
+    window = "window"
+    """Seeded by seed and data_id: different pairs per window, still reproducible."""
 
 
 @dataclass
@@ -46,7 +54,7 @@ class ProLongScorerConfig(ScorerConfig):
     with fewer pairs than this is not pair-scored at all and gets LDS = 0 (at 2048 tokens: 120 pairs)."""
     seed: int = 11
     """Seed of the chunk and pair sampling (Python ``random``, as the reference)."""
-    pair_rng: str = "fixed"
+    pair_rng: PairRng = PairRng.fixed
     """``fixed``: a fresh ``random.Random(seed)`` per window: the reference's draws for a window it scores
     first, independent of order, sharding and resume (windows with equal chunk counts share their pairs);
     ``window``: seeded by seed and data_id (different pairs per window, still reproducible)."""
@@ -63,16 +71,14 @@ class ProLongScorerConfig(ScorerConfig):
 
     def validate(self, length: int) -> None:
         if self.chunk_size < 2:
-            raise ValueError(f"scorer.chunk_size={self.chunk_size} must be >= 2 (a chunk's loss needs 2 tokens)")
+            raise ConfigError(f"scorer.chunk_size={self.chunk_size} must be >= 2 (a chunk's loss needs 2 tokens)")
         if length // self.chunk_size < 2:
-            raise ValueError(f"window.length={length} must hold at least 2 chunks of scorer.chunk_size="
+            raise ConfigError(f"window.length={length} must hold at least 2 chunks of scorer.chunk_size="
                              f"{self.chunk_size} (the distance scale divides by chunk_num - 1)")
         if self.sample_size < -1:
-            raise ValueError(f"scorer.sample_size={self.sample_size}: use -1 (all pairs) or a positive count")
-        if self.pair_rng not in ("fixed", "window"):
-            raise ValueError(f"scorer.pair_rng={self.pair_rng!r}: use fixed or window")
+            raise ConfigError(f"scorer.sample_size={self.sample_size}: use -1 (all pairs) or a positive count")
         if self.forward_batch < 1 or self.batch_size < 1:
-            raise ValueError("scorer.forward_batch and scorer.batch_size must be >= 1")
+            raise ConfigError("scorer.forward_batch and scorer.batch_size must be >= 1")
 
 
 # --- the formula (pure) -----------------------------------------------------------------------------
@@ -173,21 +179,29 @@ class ProLongScorer:
         self.chunk_num = length // cfg.chunk_size
         self.tokenizer = load_tokenizer(model_cfg)
         self.model = load_causal_lm(model_cfg, len(self.tokenizer))
-        self.device = next(self.model.parameters()).device
+        self.device_ = next(self.model.parameters()).device
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def device(self) -> str:
+        return device_name(self.device_)
+
+    def prepare(self, windows: list[dict[str, Any]]) -> list[_Window]:
+        """Chunks and sampled pairs of each window, made in the pipeline's tokenising thread."""
+        return [self._window(w) for w in windows]
 
     def _window(self, w: dict[str, Any]) -> _Window:
         ids = self.tokenizer(w["content"], add_special_tokens=False)["input_ids"]
         if self.cfg.truncate:
             ids = ids[: self.length]
-        seed: Any = self.cfg.seed if self.cfg.pair_rng == "fixed" else f"{self.cfg.seed}/{w['data_id']}"
+        seed: Any = self.cfg.seed if self.cfg.pair_rng == PairRng.fixed else f"{self.cfg.seed}/{w['data_id']}"
         rng = random.Random(seed)
         chunks = split_chunks(ids, self.cfg.chunk_size, self.chunk_num, rng)
         return _Window(chunks, sample_pairs(len(chunks), self.cfg.sample_size, rng), len(ids))
 
     @torch.inference_mode()
-    def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        wins = [self._window(w) for w in windows]
+    def score(self, windows: list[dict[str, Any]], prepared: list[_Window]) -> list[dict[str, Any]]:
+        wins = prepared
         self._perplexities(wins)
         rows = []
         for w, win in zip(windows, wins, strict=True):
@@ -221,7 +235,7 @@ class ProLongScorer:
                 by_j.setdefault(gid[(w, j)], []).append((w, i, j))
         fb = self.cfg.forward_batch
         for start in range(0, len(flat), fb):
-            ids = tokens[start : start + fb].to(self.device)
+            ids = tokens[start : start + fb].to(self.device_)
             out = self.model(input_ids=ids, use_cache=self.cfg.kv_reuse)
             ppl = _chunk_ppl(out.logits[:, :-1], ids[:, 1:]).cpu().numpy()
             for k, (w, c) in enumerate(flat[start : start + fb]):
@@ -236,16 +250,16 @@ class ProLongScorer:
         from transformers import DynamicCache
 
         gi = torch.tensor([gid[(w, i)] for _, w, i, _ in part])
-        chunk_i = tokens[gi].to(self.device)
+        chunk_i = tokens[gi].to(self.device_)
         if cache is not None:
             # Chunk i on top of chunk j's cached keys/values: positions continue after j, as in [j, i].
-            rows = torch.tensor([r for r, *_ in part], device=self.device)
+            rows = torch.tensor([r for r, *_ in part], device=self.device_)
             past = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
                                                 for layer in cache.layers])
             logits = self.model(input_ids=chunk_i, past_key_values=past, use_cache=True).logits[:, :-1]
         else:
             gj = torch.tensor([start + r for r, *_ in part])
-            ids = torch.cat([tokens[gj].to(self.device), chunk_i], dim=1)
+            ids = torch.cat([tokens[gj].to(self.device_), chunk_i], dim=1)
             logits = self.model(input_ids=ids).logits[:, chunk_i.shape[1] : -1]
         ppl = _chunk_ppl(logits, chunk_i[:, 1:]).cpu().numpy()
         for k, (_, w, i, j) in enumerate(part):

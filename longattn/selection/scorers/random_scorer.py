@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from longattn.common.errors import ConfigError
 from longattn.common.models import ModelConfig
 from longattn.selection.config import ScorerConfig
 from longattn.selection.lds import keep_mask
@@ -34,7 +35,7 @@ class RandomScorerConfig(ScorerConfig):
 
     def validate(self, length: int) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"scorer.batch_size={self.batch_size} must be >= 1")
+            raise ConfigError(f"scorer.batch_size={self.batch_size} must be >= 1")
 
 
 def window_uniform(seed: int, data_id: str) -> float:
@@ -71,7 +72,13 @@ class RandomScorer:
         # The budget counts what a scorer would see: at most window.length tokens.
         return min(len(self._tokenizer(w["content"], add_special_tokens=False)["input_ids"]), self.length)
 
-    def score(self, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    device = "cpu"
+    """No model: hashing only."""
+
+    def prepare(self, windows: list[dict[str, Any]]) -> None:
+        """Nothing to prepare: the window's number comes from its data_id."""
+
+    def score(self, windows: list[dict[str, Any]], prepared: None = None) -> list[dict[str, Any]]:
         rows = []
         for w in windows:
             n = self._n_tokens(w)
