@@ -30,7 +30,7 @@ from longattn.common.tracking import WandbConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineConfig", "StageConfig", "STAGES", "plan_point", "run_point"]
+__all__ = ["PipelineConfig", "StageConfig", "STAGES", "plan_point", "run_point", "excluded", "register_configs"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,24 @@ class PipelineConfig:
     """Print the plan (stage, out_dir, overrides, done or not) and run nothing."""
     tags: dict[str, Any] = field(default_factory=dict)
     """Free labels of the point (method, scorer model, tokens) copied into ``point.json`` for the tables."""
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+    """Cells of the experiment's sweep grid (``hydra.sweeper.params``) that its paper table does not have, e.g.
+    ``{method: prolong, tokens: 2e10}``: such a point runs nothing and says so."""
+
+
+def excluded(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """The ``exclude`` entry this point matches (every key equal; numbers compared as numbers), if any."""
+
+    def same(a: Any, b: Any) -> bool:
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return str(a) == str(b)
+
+    for cell in cfg.exclude:
+        if all(same(getattr(cfg, k), v) for k, v in cell.items()):
+            return cell
+    return None
 
 
 def _value(v: Any) -> str:
