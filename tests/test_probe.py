@@ -66,7 +66,26 @@ def test_probe_multirun_over_scorers(tmp_path, tokenizer_dir):
         assert [e["normalize"] for e in res["results"]] == ["zscore", "minmax"]
         assert set(res["results"][0]["categories"]) == {"arxiv", "book", "code"}
         assert res["results"][0]["n"] == 6 and (root / name / "probe.png").exists()
-        assert all(0.0 <= e["overall"] <= 1.0 for e in res["results"])
+    # The random scorer's AUROC, recomputed independently from each record's seeded uniform number and label.
+    from longattn.selection.scorers.random_scorer import window_uniform
+
+    inputs = [json.loads(line) for line in (root / "random" / "probe_input.jsonl").read_text().splitlines()]
+    res = json.loads((root / "random" / "probe.json").read_text())
+    for cat in ("arxiv", "book", "code"):
+        recs = [r for r in inputs if r["category"] == cat]
+        u = np.array([window_uniform(11, r["data_id"]) for r in recs])
+        expect = auroc(u, np.array([r["label"] for r in recs]))
+        assert res["results"][0]["categories"][cat] == pytest.approx(expect) and expect in (0.0, 1.0)
+    # LongAttn's: the labels are joined to the right windows (AUROC of the scored DS / Var per category).
+    labels = {r["data_id"]: r["label"] for r in inputs}
+    scores = [json.loads(line) for line in (root / "longattn" / "select" / "scores.jsonl").read_text().splitlines()]
+    res = json.loads((root / "longattn" / "probe.json").read_text())
+    for cat in ("arxiv", "book", "code"):
+        rows = [r for r in scores if r["category"] == cat]
+        ds, var = np.array([r["ds"] for r in rows]), np.array([r["var"] for r in rows])
+        lds = ds / ds.std(ddof=1) - 0.5 * var / var.std(ddof=1)  # the z-scored LDS up to a shift
+        y = np.array([labels[r["data_id"]] for r in rows])
+        assert res["results"][0]["categories"][cat] == pytest.approx(auroc(lds, y))
 
 
 @pytest.mark.parametrize("scorer", ["longattn", "prolong", "random", "longattn_layers"])
