@@ -18,14 +18,7 @@ from longattn.common.errors import Choice, ConfigError
 from longattn.common.models import ModelConfig
 from longattn.selection.attention_stats import far_attention_stats, naive_far_attention_stats
 from longattn.selection.scorers import device_name, register_scorer, stats_row
-from longattn.selection.scorers.longattn import (
-    LongAttnScorerConfig,
-    ScoringInput,
-    encode_reference,
-    encode_tokens,
-    pad_batch,
-    reference_pad_id,
-)
+from longattn.selection.scorers.longattn import LongAttnScorerConfig, PaddedInput
 
 __all__ = ["LayersScorerConfig", "LayersScorer"]
 
@@ -63,7 +56,7 @@ class _Stop(Exception):
 
 
 @register_scorer("longattn_layers", LayersScorerConfig)
-class LayersScorer:
+class LayersScorer(PaddedInput):
     """DS and Var per (layer, head); ``ds`` / ``var`` are their means over the requested layers and heads."""
 
     def __init__(self, cfg: LayersScorerConfig, model_cfg: ModelConfig, length: int):
@@ -71,7 +64,7 @@ class LayersScorer:
 
         t0 = time.perf_counter()
         self.cfg, self.length = cfg, length
-        self.tokenizer = load_tokenizer(model_cfg)
+        self._set_input(cfg, load_tokenizer(model_cfg))
         self.model = load_causal_lm(model_cfg, len(self.tokenizer))
         decoder = self.model.model.layers
         if max(cfg.layers) >= len(decoder):
@@ -79,17 +72,11 @@ class LayersScorer:
         heads = self.model.config.num_attention_heads
         if cfg.heads is not None and max(cfg.heads) >= heads:
             raise ConfigError(f"scorer.heads={cfg.heads}: model {model_cfg.name} has {heads} query heads")
-        self.pad_id = reference_pad_id(self.tokenizer)
-        self.encode = encode_reference if cfg.input == ScoringInput.reference else encode_tokens
         self.load_seconds = time.perf_counter() - t0
 
     @property
     def device(self) -> str:
         return device_name(next(self.model.parameters()).device)
-
-    def prepare(self, windows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
-        """Token ids [B, L] and real lengths, made in the pipeline's tokenising thread."""
-        return pad_batch(windows, self.tokenizer, self.encode, self.length, self.pad_id)
 
     def _qk(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """RoPE'd q [B, H, L, d] and k [B, Hkv, L, d] of each requested layer, from its input hidden states."""

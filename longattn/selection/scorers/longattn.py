@@ -108,8 +108,23 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int) -> str:
     return "torch"
 
 
+class PaddedInput:
+    """The scoring input of both LongAttn scorers (``scorer.input``): each window encoded, padded to L."""
+
+    length: int
+
+    def _set_input(self, cfg: LongAttnScorerConfig, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.pad_id = reference_pad_id(tokenizer)
+        self.encode = encode_reference if cfg.input == ScoringInput.reference else encode_tokens
+
+    def prepare(self, windows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
+        """CPU side of a batch (tokenise, pad): run by the pipeline in a thread, overlapping scoring."""
+        return pad_batch(windows, self.tokenizer, self.encode, self.length, self.pad_id)
+
+
 @register_scorer("longattn", LongAttnScorerConfig)
-class LongAttnScorer:
+class LongAttnScorer(PaddedInput):
     """DS and Var of every query head of the first decoder layer (docs/method.md §2)."""
 
     def __init__(self, cfg: LongAttnScorerConfig, model_cfg: ModelConfig, length: int):
@@ -118,10 +133,8 @@ class LongAttnScorer:
 
         t0 = time.perf_counter()
         self.cfg, self.length = cfg, length
-        self.tokenizer = load_tokenizer(model_cfg)
+        self._set_input(cfg, load_tokenizer(model_cfg))
         self.model = load_first_layer(model_cfg)
-        self.pad_id = reference_pad_id(self.tokenizer)
-        self.encode = encode_reference if cfg.input == ScoringInput.reference else encode_tokens
         self.backend = resolve_backend(cfg.backend, self.model.device, self.model.head_dim)
         self._stats: Callable[..., tuple[torch.Tensor, torch.Tensor]] = {
             "naive": naive_far_attention_stats, "torch": self._blockwise, "triton": triton_far_attention_stats,
@@ -135,10 +148,6 @@ class LongAttnScorer:
 
     def _blockwise(self, q: torch.Tensor, k: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return far_attention_stats(q, k, block_size=self.cfg.block_size, **kw)
-
-    def prepare(self, windows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
-        """CPU side of a batch (tokenise, pad): run by the pipeline in a thread, overlapping scoring."""
-        return pad_batch(windows, self.tokenizer, self.encode, self.length, self.pad_id)
 
     @torch.inference_mode()
     def score(self, windows: list[dict[str, Any]], prepared: tuple[torch.Tensor, list[int]]) -> list[dict[str, Any]]:
