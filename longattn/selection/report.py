@@ -183,16 +183,56 @@ def _markdown(cats: dict[str, _Cat], title: str, top_k: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def _num(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
+
+
+def _cost_markdown(cost: dict) -> list[str]:
+    """This run's cost next to the paper's Table 5 (hours for 36B tokens = the paper's LongABC-32K-Raw)."""
+    s, pre, L = cost["scoring"], cost.get("preprocess"), cost["window_length"]
+    out = ["", "## Cost", "",
+           "Scoring hours are device time (GPU-hours on a GPU, process-hours on CPU); \"36B tokens\" projects this "
+           f"run's rate to the paper's corpus, linearly in tokens (this run: L = {L}; LongAttn's attention grows "
+           "faster than linearly in L, so a projection from a shorter window is a lower bound at 32k).", "",
+           "| scoring | device | windows | s / window | windows/s | hours per 1B tokens | hours for 36B tokens |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for dev, d in sorted(s["devices"].items()):
+        out.append(f"| this run ({d['ranks']} ranks) | {_escape(dev)} | {d['windows']} | {_num(d['seconds_per_window'])} "
+                   f"| {_num(d['windows'] / d['seconds'] if d['seconds'] else None)} "
+                   f"| {_num(d['device_hours_per_billion_tokens'])} | {_num(d['device_hours_36B_tokens'])} |")
+    for r in cost.get("paper_table5", []):
+        out.append(f"| {r['method']} {r['model']} (paper Table 5) | {r['device']} | {r['windows']:,} "
+                   f"| {_num(r['seconds_per_window'])} | {_num(1 / r['seconds_per_window'])} "
+                   f"| {_num(r['device_hours_per_billion_tokens'])} | {_num(r['device_hours_36B_tokens'])} |")
+    out += ["", f"All ranks together: {_num(s['windows_per_s'])} windows/s."]
+    if pre:
+        out += ["", f"Pre-processing: {pre['tokens']:,} tokens on {pre['ranks']} ranks, "
+                f"{_num(pre['tokens_per_s_per_core'])} tokens/s per core (CPU time of each rank and its tokeniser "
+                f"workers); {_num(pre['core_hours_per_billion_tokens'])} core-hours per 1B tokens, "
+                f"{_num(pre['core_hours_36B_tokens'])} core-hours for 36B tokens."]
+    out += ["", "| rank | device | shards | windows | windows/s |", "|---:|---|---:|---:|---:|"]
+    out += [f"| {r} | {_escape(d['device'])} | {d['shards']} | {d['windows']} | {_num(d['windows_per_s'])} |"
+            for r, d in s["per_rank"].items()]
+    return out
+
+
 def write_report(
-    rows: Iterable[dict], out_dir: str | Path, *, top_k: int = 5, title: str = "LongAttn selection"
+    rows: Iterable[dict], out_dir: str | Path, *, top_k: int = 5, title: str = "LongAttn selection",
+    cost: dict | None = None,
 ) -> tuple[Path, Path]:
-    """Write out_dir/report.png and out_dir/report.md; return their paths."""
+    """Write out_dir/report.png and out_dir/report.md (with a cost section when ``cost`` is given: the
+    ``cost`` of metrics.json, ``longattn.selection.cost``); return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cats = _collect(rows, top_k)
     png, md = out / "report.png", out / "report.md"
     _plot(cats, png, title)
-    md.write_text(_markdown(cats, title, top_k), encoding="utf-8")
+    text = _markdown(cats, title, top_k)
+    if cost:
+        text += "\n".join(_cost_markdown(cost)) + "\n"
+    md.write_text(text, encoding="utf-8")
     logger.info(
         "report: %d categories, %d windows -> %s, %s",
         len(cats),

@@ -1,10 +1,11 @@
 """Deterministic shards of the window stream, rank assignment, completion markers and waiting.
 
-The windows to score are cut, in input order, into shards of ``shard.windows``; shard ``s`` belongs to
-rank ``s % world_size``. Rank 0 pre-processes and writes ``shards/plan.json`` (where each shard starts, so a
-rank seeks to its shards instead of reading the whole corpus); each shard's scores are journaled and, when
-complete, renamed to ``shards/scores-00042.jsonl`` — the rename is the completion marker. A rerun skips
-finished shards and resumes a partial one from its journal.
+Pre-processing is spread over the ranks in pieces (``longattn.selection.pieces``); once every piece is done,
+rank 0 numbers the windows and writes ``shards/plan.json``. The windows to score are cut, in id order, into
+shards of ``shard.windows``; shard ``s`` belongs to rank ``s % world_size``. The plan says where each shard
+starts (so a rank seeks to its shards instead of reading the whole corpus); each shard's scores are journaled
+and, when complete, renamed to ``shards/scores-00042.jsonl`` — the rename is the completion marker. A rerun
+skips finished shards and resumes a partial one from its journal.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ from longattn.common.io import InputRecord, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardConfig", "MergeMode", "my_shards", "Plan", "build_plan"]
+__all__ = ["ShardConfig", "MergeMode", "Stage", "my_shards", "Plan", "build_plan"]
+
+
+class Stage(Choice):
+    all = "all"
+    """Pre-process (this rank's pieces), score (this rank's shards), merge (``shard.merge``)."""
+    preprocess = "preprocess"
+    """Only pre-process this rank's pieces, then exit: a CPU job array prepares the windows for GPU jobs."""
 
 
 class MergeMode(Choice):
@@ -38,6 +46,10 @@ class MergeMode(Choice):
 class ShardConfig:
     windows: int = 1000
     """Windows per shard: the unit of work, of completion markers and of what a kill can lose at most."""
+    piece_mb: float = 256.0
+    """Pre-processing unit: uncompressed JSON Lines inputs larger than this (MiB) are cut into byte ranges of
+    about this size; other files are one piece each. Pieces are spread over the ranks; a kill loses at most
+    the piece in flight. Fixed at the first run of an out_dir (the outputs do not depend on it)."""
     rank: int | None = None
     """This process's rank; null = from torchrun (RANK) or srun tasks (SLURM_PROCID). SLURM array elements
     are separate jobs (a sweep may vary anything), so an array shards only through explicit shard.rank."""
@@ -54,6 +66,8 @@ class ShardConfig:
     def validate(self) -> None:
         if self.windows < 1:
             raise ConfigError(f"shard.windows={self.windows} must be >= 1")
+        if self.piece_mb <= 0:
+            raise ConfigError(f"shard.piece_mb={self.piece_mb} must be positive")
         if self.wait_hours <= 0 or self.poll_seconds <= 0:
             raise ConfigError("shard.wait_hours and shard.poll_seconds must be positive")
 
@@ -74,11 +88,19 @@ class Plan:
     n_windows: int
     shard_windows: int
     starts: list[dict[str, Any]]
-    """Per shard: ``path`` (index into sources), ``offset`` (bytes, or -1 for compressed files), ``line``."""
+    """Per shard: ``path`` (index into sources), ``offset`` (bytes, or -1 for compressed files), ``line``;
+    in a ``pieces`` plan also ``counters`` (id prefix -> windows numbered before the shard)."""
     sources: list[str]
     skipped: dict[str, int]
     skip_lines: list[list[Any]]
     """(source index, line) of records skipped for a global reason (duplicate data_id)."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """What reading the sources repaired or could not read (``InputNotes.to_dict``)."""
+    kind: str = "windows"
+    """``windows``: sources are window files with ids (user windows or a sampled ``windows.jsonl``);
+    ``pieces``: sources are pre-processing pieces, numbered while read (``id_prefix``, per-start ``counters``)."""
+    id_prefix: str = ""
+    """``window.id_prefix`` of a ``pieces`` plan."""
 
     @property
     def n_shards(self) -> int:
