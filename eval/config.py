@@ -14,7 +14,15 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from eval.suites import LONGBENCH_TASKS, RULER_TASKS, SHORT_TASKS, SUITES, reference_name
+from eval.longbench_prompts import MAX_GEN
+from eval.suites import (
+    LONGBENCH_BUDGET_32K,
+    LONGBENCH_TASKS,
+    RULER_TASKS,
+    SHORT_TASKS,
+    SUITES,
+    reference_name,
+)
 from longattn.common.errors import Choice, ConfigError
 from longattn.common.tracking import WandbConfig
 
@@ -40,7 +48,8 @@ class EvalModelConfig:
     dtype: str = "bfloat16"
     """Weights dtype for the backend (use float32 on CPU)."""
     max_length: int = 32768
-    """Context the model is evaluated at: lm-eval's max_length and the LongBench truncation budget."""
+    """Context the model is evaluated at (lm-eval's ``max_length``); the backend gets more when a prepared
+    prompt plus its generation needs it, so it never truncates a prompt."""
     trust_remote_code: bool = False
     """Passed to the backend."""
 
@@ -69,9 +78,10 @@ class EvalConfig:
     seed: int = 42
     """Seed of RULER generation and of lm-eval's samplers."""
     log_samples: bool = True
-    """Write lm-eval's per-sample outputs (samples_*.jsonl) into out_dir/lm_eval/."""
+    """Write per-sample outputs: out_dir/samples/<task>.jsonl (prompt, prediction, references, score) and
+    lm-eval's own samples_*.jsonl under out_dir/lm_eval/."""
     cache_dir: str = "${oc.env:LONGATTN_EVAL_CACHE,${oc.env:HOME}/.cache/longattn/eval}"
-    """Prepared data (RULER samples per tokenizer and length, LongBench prompts, short suites): made once."""
+    """Fetched sources and prepared data (RULER samples, LongBench prompts), each file keyed by what made it."""
     prepare_only: bool = False
     """Only prepare the data cache (e.g. on a login node with internet), then exit."""
 
@@ -93,8 +103,10 @@ class LongBenchSuiteConfig:
     data_dir: str | None = None
     """Directory of ``<task>.jsonl`` in the reference format (input, context, answers, all_classes);
     null = lm-eval's hub mirror of THUDM/LongBench at ``prepare`` time."""
-    max_prompt_tokens: int | None = None
-    """Middle-truncation budget; null = model.max_length minus the task's generation length."""
+    max_prompt_tokens: int = LONGBENCH_BUDGET_32K
+    """Middle-truncation budget in tokens, counted as the reference does (the tokenizer's defaults, BOS
+    included); 31500 = the reference's ``model2maxlen`` for its 32k models. With the longest generation
+    (512 tokens) it must fit in model.max_length."""
 
 
 @dataclass
@@ -103,7 +115,8 @@ class ShortSuiteConfig:
     """Directory of local files (``mmlu/<subject>.jsonl``, ``hellaswag.jsonl``, ``openbookqa.jsonl``,
     ``humaneval.jsonl``) in the hub datasets' formats; null = lm-eval's hub datasets."""
     num_fewshot: dict[str, int] = field(default_factory=dict)
-    """Few-shot examples per task (e.g. mmlu: 5); absent = the task's default."""
+    """Few-shot examples per task (e.g. mmlu: 5); absent = lm-eval's default, 0 for all four (the paper
+    states none; docs/eval.md)."""
     humaneval_timeout: float = 10.0
     """Seconds each HumanEval program may run."""
 
@@ -163,16 +176,61 @@ def selected_tasks(run: EvalRunConfig, suite: str) -> list[str]:
     return [t for t in SUITES[suite] if t in run.eval.tasks]
 
 
+_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def _check_model_dir(run: EvalRunConfig) -> None:
+    """model.path must be an HF model directory (config and weights), and the tokenizer directory must hold
+    a tokenizer, before anything loads: an empty directory otherwise fails deep in transformers."""
+    path = Path(os.path.expanduser(run.model.path))
+    if not path.is_dir():
+        raise ConfigError(f"model.path={run.model.path} is not a directory (an HF model directory)")
+    if not run.eval.prepare_only:
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={run.model.path} has no config.json: not an HF model directory")
+        if not any(next(path.glob(g), None) for g in _WEIGHTS):
+            raise ConfigError(f"model.path={run.model.path} has no weights (*.safetensors or *.bin)")
+    tok = Path(os.path.expanduser(run.model.tokenizer or run.model.path))
+    key = "model.tokenizer" if run.model.tokenizer else "model.path"
+    if not tok.is_dir() or not any((tok / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigError(f"{key}={tok} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}...): "
+                          "prompts are sized and counted with it")
+
+
+def _check_backend(run: EvalRunConfig) -> None:
+    ev = run.eval
+    if ev.backend != "vllm" or ev.prepare_only:
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("eval.backend=vllm but vllm is not installed: pip install 'lm-eval[vllm]' "
+                          "(GPU nodes), or use eval.backend=hf")
+    if ev.data_parallel_size > 1 and importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"eval.data_parallel_size={ev.data_parallel_size} with eval.backend=vllm needs ray "
+                          "(lm-eval runs vllm replicas as ray actors): pip install ray, or set "
+                          "eval.data_parallel_size=1")
+
+
+def _check_longbench(run: EvalRunConfig) -> None:
+    cfg, tasks = run.suite["longbench"], selected_tasks(run, "longbench")
+    if cfg.max_prompt_tokens < 1:
+        raise ConfigError(f"suite.longbench.max_prompt_tokens={cfg.max_prompt_tokens} must be >= 1")
+    longest = max((MAX_GEN[t] for t in tasks), default=0)
+    if tasks and cfg.max_prompt_tokens + longest > run.model.max_length:
+        raise ConfigError(f"suite.longbench.max_prompt_tokens={cfg.max_prompt_tokens} plus the longest generation "
+                          f"({longest} tokens) exceeds model.max_length={run.model.max_length}: lower the budget "
+                          "(the reference uses about model.max_length - 500)")
+    if cfg.data_dir:
+        missing = [t for t in tasks if not (Path(os.path.expanduser(cfg.data_dir)) / f"{t}.jsonl").is_file()]
+        if missing:
+            raise ConfigError(f"suite.longbench.data_dir={cfg.data_dir} has no {missing[0]}.jsonl "
+                              f"(missing: {missing}); or leave those tasks out of eval.tasks")
+
+
 def validate(run: EvalRunConfig) -> None:
     """Check before any side effect; errors name the key to change."""
     if not run.suite:
         raise ConfigError("no suite selected: set suite=ruler (or [ruler,longbench,short])")
-    if not run.eval.prepare_only and not Path(run.model.path).is_dir():
-        raise ConfigError(f"model.path={run.model.path} is not a directory (an HF model directory)")
-    tok = run.model.tokenizer or run.model.path
-    if {"ruler", "longbench"} & set(run.suite) and not Path(tok).is_dir():
-        key = "model.tokenizer" if run.model.tokenizer else "model.path"
-        raise ConfigError(f"{key}={tok} is not a directory: RULER and LongBench data are made with its tokenizer")
     known = set(RULER_TASKS) | set(LONGBENCH_TASKS) | set(SHORT_TASKS)
     unknown = [t for t in run.eval.tasks if t not in known]
     if unknown:
@@ -186,9 +244,6 @@ def validate(run: EvalRunConfig) -> None:
         # lm-eval's VT generator loops forever when its ~500-token in-context example leaves no room.
         raise ConfigError(f"eval.lengths={run.eval.lengths}: RULER vt needs lengths >= 1024 "
                           "(or leave vt out of eval.tasks)")
-    if run.eval.backend == "vllm" and importlib.util.find_spec("vllm") is None and not run.eval.prepare_only:
-        raise ConfigError("eval.backend=vllm but vllm is not installed: pip install 'lm-eval[vllm]' "
-                          "(GPU nodes), or use eval.backend=hf")
     if run.eval.limit is not None and run.eval.limit < 1:
         raise ConfigError(f"eval.limit={run.eval.limit} must be >= 1 (or null for all)")
     if "ruler" in run.suite and run.suite["ruler"].num_samples < 1:
@@ -196,6 +251,10 @@ def validate(run: EvalRunConfig) -> None:
     for name, path in _local_paths(run):
         if path and not Path(os.path.expanduser(path)).exists():
             raise ConfigError(f"{name}={path} does not exist")
+    if "longbench" in run.suite:
+        _check_longbench(run)
+    _check_backend(run)
+    _check_model_dir(run)
 
 
 def _local_paths(run: EvalRunConfig) -> list[tuple[str, str | None]]:

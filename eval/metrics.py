@@ -137,9 +137,15 @@ def rouge_l_zh(pred: str, ref: str, **_) -> float:
 def classification(pred: str, ref: str, all_classes: Sequence[str] = (), **_) -> float:
     """1/|matched classes| if the true class is among the class names found in the prediction.
 
-    A matched class that is a strict substring of the true class is not counted against it."""
+    A matched class that is a strict substring of the true class is not counted against it, except that the
+    reference removes them from the list while iterating over it, which skips the class after each removal:
+    kept here, since it changes scores (classes "Ci", "C", "City", truth "City": 0.5, not 1)."""
     matched = [c for c in all_classes if c in pred]
-    matched = [c for c in matched if not (c in ref and c != ref)]
+    i = 0
+    while i < len(matched):
+        if matched[i] in ref and matched[i] != ref:
+            del matched[i]  # the next class moves to i, and the reference's iterator moves on to i + 1
+        i += 1
     return 1.0 / len(matched) if ref in matched else 0.0
 
 

@@ -1,31 +1,42 @@
-"""Data preparation: each suite's samples made once into a local cache, then lm-eval task files naming them.
+"""Data preparation: each suite's samples made once into the cache, then lm-eval task files naming them.
 
-Cache layout (``eval.cache_dir``), reused by every later run and by jobs without internet:
-  ruler/<tokenizer>/<length>/<task>.n<samples>.s<seed>.jsonl   generated RULER samples
-  longbench/raw/<task>.jsonl                                   the reference records (hub or data_dir)
-  longbench/<tokenizer>/<budget>/<task>.jsonl                  rendered, middle-truncated prompts
-  short/humaneval.jsonl                                        HumanEval problems
-A file is written under a temporary name and renamed, so an interrupted prepare never leaves half a file.
+Cache layout (``eval.cache_dir``), every data file named by a digest of what produced it (eval/cache.py):
+  sources/                                     the benchmarks' published data, fetched once (eval/sources.py)
+  ruler/<tokenizer>/<length>/<task>.n<N>.s<seed>.<digest>.jsonl        generated RULER samples
+  longbench/<tokenizer>/<budget>/<task>.<digest>.jsonl                 reference prompts, middle-truncated
+Each record carries ``n_tokens``, its prompt's length as the backend encodes it, so the backend can be given
+room for every prompt plus its generation (eval/run.py): it never truncates.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from eval import harness
+from eval import harness, ruler
+from eval.cache import content_fingerprint, fingerprint, keyed_records, tokenizer_fingerprint, versions
 from eval.config import EvalRunConfig, selected_tasks
+from eval.longbench_prompts import MAX_GEN, PROMPTS
 from eval.metrics import middle_truncate
-from eval.suites import LONGBENCH_TASKS, RULER_TASKS
+from eval.sources import (
+    HUMANEVAL_DATASET,
+    LONGBENCH_REPO,
+    Source,
+    download_hub_jsonl,
+    download_hub_text,
+    download_longbench_zip,
+    download_url,
+    fetch,
+)
+from eval.suites import LONGBENCH_TASKS, RULER_TASKS, SHORT_METRICS
+from longattn.common.io import read_jsonl
 
 log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).resolve().parent / "tasks"
@@ -46,24 +57,31 @@ class LeafTask:
     """lm-eval metric key (``score``, ``pass@1``, ``acc``, ``acc_norm``)."""
     scale: float = 1.0
     """Factor to 0-100 (lm-eval's accuracies are 0-1)."""
+    max_tokens: int = 0
+    """Longest prompt in tokens, as the backend encodes it (0: not measured, short multiple-choice tasks)."""
+    max_gen_toks: int = 0
+    """Tokens generated per sample (0 for multiple-choice tasks)."""
 
 
-# ---------------------------------------------------------------- files
+def cache_root(run: EvalRunConfig) -> Path:
+    return Path(os.path.expanduser(run.eval.cache_dir)).resolve()
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+def prepare_command(run: EvalRunConfig, suite: str) -> str:
+    """The command that fills the cache for ``suite`` on a node with internet."""
+    parts = ["longattn-eval eval.prepare_only=true", f"suite=[{suite}]", f"model.path={run.model.path}"]
+    if run.model.tokenizer:
+        parts.append(f"model.tokenizer={run.model.tokenizer}")
+    if suite == "ruler":
+        parts.append(f"eval.lengths=[{','.join(map(str, run.eval.lengths))}]")
+    return " ".join([*parts, f"eval.cache_dir={cache_root(run)}"])
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+class _TaskFileLoader(yaml.SafeLoader):
+    """Reads lm-eval task files for their values; ``!function`` tags are left unresolved."""
+
+
+_TaskFileLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
 def write_leaf(task_dir: Path, name: str, template: Path, **fields: Any) -> str:
@@ -74,16 +92,6 @@ def write_leaf(task_dir: Path, name: str, template: Path, **fields: Any) -> str:
     return name
 
 
-def tokenizer_key(tokenizer_path: str) -> str:
-    """Cache key of a tokenizer: its directory name and a hash of its files (same files, same key)."""
-    h = hashlib.sha1()
-    d = Path(tokenizer_path)
-    for f in sorted(d.glob("tokenizer*")) + sorted(d.glob("*.model")) + sorted(d.glob("special_tokens_map.json")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return f"{d.name}-{h.hexdigest()[:10]}"
-
-
 def load_tokenizer(run: EvalRunConfig) -> Any:
     from transformers import AutoTokenizer
 
@@ -91,79 +99,146 @@ def load_tokenizer(run: EvalRunConfig) -> Any:
                                          trust_remote_code=run.model.trust_remote_code)
 
 
+def backend_tokens(tokenizer: Any) -> Callable[[str], int]:
+    """Prompt length as lm-eval's backends encode it: the tokenizer's defaults (BOS included)."""
+    return lambda text: len(tokenizer(text).input_ids)
+
+
+def greedy(max_gen: int, **extra: Any) -> dict[str, Any]:
+    return {"do_sample": False, "temperature": 0.0, "max_gen_toks": max_gen, "until": [], **extra}
+
+
 # ---------------------------------------------------------------- RULER
 
 
+class RulerSources:
+    """The essay haystack and the QA datasets: a configured local file, else the cached hub copy."""
+
+    def __init__(self, run: EvalRunConfig, cache: Path):
+        self.cfg, self.cache, self.cmd = run.suite["ruler"], cache, prepare_command(run, "ruler")
+
+    @functools.cached_property
+    def essays(self) -> tuple[Path, dict[str, Any]]:
+        if self.cfg.haystack:
+            return Path(self.cfg.haystack), fingerprint(self.cfg.haystack)
+        src = Source("RULER essay haystack (Paul Graham essays)", f"hub dataset {ruler.ESSAY_DATASET}",
+                     "ruler/paul_graham_essays.txt", local_key="suite.ruler.haystack")
+        path = fetch(src, self.cache, download_hub_text(ruler.ESSAY_DATASET), self.cmd)
+        return path, {"origin": src.origin, **content_fingerprint(path)}
+
+    @functools.cache  # noqa: B019 - one instance per prepare
+    def qa(self, dataset: str) -> tuple[Path, dict[str, Any]]:
+        local = getattr(self.cfg, dataset)
+        if local:
+            return Path(local), fingerprint(local)
+        url = ruler.qa_url(dataset)
+        name = "SQuAD v2 dev (RULER qa_1)" if dataset == "squad" else "HotpotQA dev distractor (RULER qa_2)"
+        src = Source(name, url, f"ruler/{Path(url).name}", local_key=f"suite.ruler.{dataset}", url=True)
+        path = fetch(src, self.cache, download_url(url), self.cmd)
+        return path, {"origin": url, **content_fingerprint(path)}
+
+    def for_task(self, task: Any) -> tuple[Path | None, dict[str, Any] | None]:
+        if task.needs_essays:
+            return self.essays
+        if task.kind == "qa":
+            return self.qa(task.params["dataset"])
+        return None, None
+
+
+def _ruler_rows(task: Any, tokenizer: Any, length: int, run: EvalRunConfig, source: Path | None) -> Iterator[dict]:
+    cfg, count = run.suite["ruler"], backend_tokens(tokenizer)
+    haystack = ruler.essay_words(source) if task.needs_essays else None
+    qa = ruler.qa_source(task.params["dataset"], source) if task.kind == "qa" else None
+    log.info("generating RULER %s at %d tokens (%d samples)", task.name, length, cfg.num_samples)
+    for r in ruler.generate(task, tokenizer, length, cfg.num_samples, run.eval.seed, haystack, qa):
+        yield {**r, "task": task.name, "metric": task.metric, "n_tokens": count(r["input"] + r["answer_prefix"])}
+
+
 def prepare_ruler(run: EvalRunConfig, tokenizer: Any, cache: Path, task_dir: Path) -> list[LeafTask]:
-    cfg = run.suite["ruler"]
-    tok_dir = cache / "ruler" / tokenizer_key(run.model.tokenizer or run.model.path)
-    # Sources are read only when a file must be generated: importing lm-eval's NIAH module alone takes
-    # ~20 s (it builds its word list), and offline nodes with a warm cache must not try the hub.
-    sources = functools.cache(lambda kind, arg: harness.essay_haystack(arg) if kind == "essay"
-                              else harness.qa_source(kind, arg))
+    cfg, tok = run.suite["ruler"], tokenizer_fingerprint(run.model.tokenizer or run.model.path)
+    sources = RulerSources(run, cache)
     leaves = []
     for t in (RULER_TASKS[n] for n in selected_tasks(run, "ruler")):
         for length in run.eval.lengths:
-            path = tok_dir / str(length) / f"{t.name}.n{cfg.num_samples}.s{run.eval.seed}.jsonl"
-            if not path.exists():
-                log.info("generating RULER %s at %d tokens (%d samples)", t.name, length, cfg.num_samples)
-                haystack = sources("essay", cfg.haystack) if t.needs_essays else None
-                qa = sources(t.params["dataset"], getattr(cfg, t.params["dataset"])) if t.kind == "qa" else None
-                rows = harness.generate_ruler(t, tokenizer, length, cfg.num_samples, run.eval.seed, haystack, qa)
-                write_jsonl(path, ({**r, "metric": t.metric, "task": t.name} for r in rows))
+            source, source_fp = sources.for_task(t)
+            key = {"task": t.name, "kind": t.kind, "params": t.params, "max_gen_toks": t.max_gen_toks,
+                   "length": length, "num_samples": cfg.num_samples, "seed": run.eval.seed, "tokenizer": tok,
+                   "source": source_fp, "versions": versions(),
+                   "sentence_split": ("punkt" if ruler.punkt_available() else "punctuation") if t.needs_essays else None}
+            stem = cache / "ruler" / f"{tok['name']}-{tok['sha256'][:10]}" / str(length) / \
+                f"{t.name}.n{cfg.num_samples}.s{run.eval.seed}"
+            path, meta = keyed_records(stem, key, lambda t=t, length=length, source=source:
+                                       _ruler_rows(t, tokenizer, length, run, source), lambda r: r["n_tokens"])
             name = write_leaf(task_dir, f"longattn_ruler_{t.name}_{length}", TEMPLATES / "ruler.yaml",
                               dataset_kwargs={"data_files": {"test": str(path)}},
-                              generation_kwargs={"do_sample": False, "temperature": 0.0,
-                                                 "max_gen_toks": t.max_gen_toks, "until": []})
-            leaves.append(LeafTask(name, "ruler", t.name, str(length), "score"))
+                              generation_kwargs=greedy(t.max_gen_toks))
+            leaves.append(LeafTask(name, "ruler", t.name, str(length), "score", 1.0, meta["max_tokens"],
+                                   t.max_gen_toks))
     return leaves
 
 
 # ---------------------------------------------------------------- LongBench
 
 
-def longbench_raw(run: EvalRunConfig, task: str, cache: Path) -> list[dict]:
-    """Reference-format records: from suite.longbench.data_dir, else downloaded once into the cache."""
+def longbench_source(run: EvalRunConfig, task: str, cache: Path) -> tuple[Path, dict[str, Any]]:
+    """The reference-format records of ``task``: suite.longbench.data_dir, else the reference's hub data."""
     data_dir = run.suite["longbench"].data_dir
     if data_dir:
-        return read_jsonl(Path(data_dir) / f"{task}.jsonl")
-    path = cache / "longbench" / "raw" / f"{task}.jsonl"
-    if not path.exists():
-        write_jsonl(path, harness.load_hub_longbench(task))
-    return read_jsonl(path)
+        path = Path(data_dir) / f"{task}.jsonl"
+        return path, fingerprint(path)
+    src = Source("LongBench data (data.zip of the reference)", f"hub dataset {LONGBENCH_REPO}", "longbench/data",
+                 local_key="suite.longbench.data_dir")
+    path = fetch(src, cache, download_longbench_zip, prepare_command(run, "longbench")) / f"{task}.jsonl"
+    return path, {"origin": src.origin, **content_fingerprint(path)}
 
 
-def truncated_prompt(tokenizer: Any, prompt: str, budget: int) -> str:
-    """Middle truncation as the reference: decode the first and last halves separately and join."""
-    head, tail = middle_truncate(tokenizer(prompt, add_special_tokens=False).input_ids, budget)
+def reference_prompt(task: str, record: dict[str, Any]) -> str:
+    """The reference's prompt: its template filled with the record (``str.format``, as pred.py)."""
+    return PROMPTS[task].format(**record)
+
+
+def truncate_middle(tokenizer: Any, prompt: str, budget: int) -> tuple[str, bool]:
+    """The reference's truncation: tokens counted with the tokenizer's defaults; over ``budget``, the first
+    and last ``budget // 2`` tokens, each half decoded without special tokens and the two texts joined."""
+    head, tail = middle_truncate(tokenizer(prompt, truncation=False).input_ids, budget)
     if not tail:
-        return prompt
-    return tokenizer.decode(head, skip_special_tokens=True) + tokenizer.decode(tail, skip_special_tokens=True)
+        return prompt, False
+    return tokenizer.decode(head, skip_special_tokens=True) + tokenizer.decode(tail, skip_special_tokens=True), True
+
+
+def _longbench_rows(task: str, source: Path, tokenizer: Any, budget: int) -> Iterator[dict]:
+    count, meta = backend_tokens(tokenizer), LONGBENCH_TASKS[task]
+    for r in read_jsonl(source):
+        prompt, cut = truncate_middle(tokenizer, reference_prompt(task, r), budget)
+        yield {"prompt": prompt, "answers": list(r["answers"]), "all_classes": r.get("all_classes") or [],
+               "task": task, "metric": meta.metric, "language": meta.language, "length": r.get("length"),
+               "_id": r.get("_id"), "truncated": cut, "n_tokens": count(prompt)}
+
+
+def samsum_stop(tokenizer: Any, backend: str) -> dict[str, Any]:
+    """The reference stops samsum on the newline token (the last of ``encode("\\n")``) or EOS, after at least
+    one generated token (``min_length = context + 1``): token ids, not a text stop, as each backend takes them."""
+    newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    if backend == "vllm":
+        return {"stop_token_ids": [newline], "min_tokens": 1}
+    return {"eos_token_id": [t for t in (tokenizer.eos_token_id, newline) if t is not None], "min_new_tokens": 1}
 
 
 def prepare_longbench(run: EvalRunConfig, tokenizer: Any, cache: Path, task_dir: Path) -> list[LeafTask]:
-    cfg = run.suite["longbench"]
-    tok = tokenizer_key(run.model.tokenizer or run.model.path)
+    budget, tok = run.suite["longbench"].max_prompt_tokens, tokenizer_fingerprint(run.model.tokenizer or run.model.path)
     leaves = []
     for name in selected_tasks(run, "longbench"):
-        spec = harness.longbench_task_spec(name)
-        max_gen = int(spec["generation_kwargs"]["max_gen_toks"])
-        budget = cfg.max_prompt_tokens or run.model.max_length - max_gen
-        path = cache / "longbench" / tok / str(budget) / f"{name}.jsonl"
-        if cfg.data_dir or not path.exists():  # local data may change between runs: cheap to redo
-            meta = LONGBENCH_TASKS[name]
-            rows = ({"prompt": truncated_prompt(tokenizer, harness.render_prompt(spec["doc_to_text"], r), budget),
-                     "answers": list(r["answers"]), "all_classes": r.get("all_classes") or [],
-                     "task": name, "metric": meta.metric, "length": r.get("length"), "_id": r.get("_id")}
-                    for r in longbench_raw(run, name, cache))
-            write_jsonl(path, rows)
-        # samsum stops at a newline as the reference; the other tasks generate to max_gen (first line kept later).
-        until = ["\n"] if name == "samsum" else []
+        source, source_fp = longbench_source(run, name, cache)
+        key = {"task": name, "template": PROMPTS[name], "budget": budget, "tokenizer": tok, "source": source_fp,
+               "versions": versions()}
+        stem = cache / "longbench" / f"{tok['name']}-{tok['sha256'][:10]}" / str(budget) / name
+        path, meta = keyed_records(stem, key, lambda name=name, source=source:
+                                   _longbench_rows(name, source, tokenizer, budget), lambda r: r["n_tokens"])
+        stop = samsum_stop(tokenizer, run.eval.backend) if name == "samsum" else {}
         leaf = write_leaf(task_dir, f"longattn_longbench_{name}", TEMPLATES / "longbench.yaml",
                           dataset_kwargs={"data_files": {"test": str(path)}},
-                          generation_kwargs={"do_sample": False, "temperature": 0.0, "max_gen_toks": max_gen,
-                                             "until": until})
-        leaves.append(LeafTask(leaf, "longbench", name, "all", "score"))
+                          generation_kwargs=greedy(MAX_GEN[name], **stop))
+        leaves.append(LeafTask(leaf, "longbench", name, "all", "score", 1.0, meta["max_tokens"], MAX_GEN[name]))
     return leaves
 
 
@@ -190,40 +265,51 @@ def _local_mc(task_dir: Path, data: Path, task: str, metric: str) -> list[LeafTa
     return [LeafTask(name, "short", task, "all", metric, 100.0)]
 
 
-def prepare_short(run: EvalRunConfig, cache: Path, task_dir: Path) -> list[LeafTask]:
-    from eval.suites import SHORT_METRICS
+def humaneval_leaf(run: EvalRunConfig, cache: Path, task_dir: Path, tokenizer: Any) -> LeafTask:
+    data_dir = run.suite["short"].data_dir
+    if data_dir:
+        path = Path(data_dir).resolve() / "humaneval.jsonl"
+    else:
+        src = Source("HumanEval", f"hub dataset {HUMANEVAL_DATASET}", "humaneval/test.jsonl",
+                     local_key="suite.short.data_dir")
+        path = fetch(src, cache, download_hub_jsonl(HUMANEVAL_DATASET, "test"), prepare_command(run, "short"))
+    spec = yaml.load((TEMPLATES / "humaneval.yaml").read_text(encoding="utf-8"), Loader=_TaskFileLoader)
+    count = backend_tokens(tokenizer)
+    longest = max((count(r["prompt"]) for r in read_jsonl(path)), default=0)
+    name = write_leaf(task_dir, "longattn_humaneval", TEMPLATES / "humaneval.yaml",
+                      dataset_kwargs={"data_files": {"test": str(path)}})
+    return LeafTask(name, "short", "humaneval", "all", "pass@1", 1.0, longest,
+                    int(spec["generation_kwargs"]["max_gen_toks"]))
 
+
+def prepare_short(run: EvalRunConfig, tokenizer: Any, cache: Path, task_dir: Path) -> list[LeafTask]:
     cfg = run.suite["short"]
     data = Path(cfg.data_dir).resolve() if cfg.data_dir else None
     leaves: list[LeafTask] = []
     for task in selected_tasks(run, "short"):
-        metric = SHORT_METRICS[task]
         if task == "humaneval":
-            path = data / "humaneval.jsonl" if data else cache / "short" / "humaneval.jsonl"
-            if not path.exists():
-                write_jsonl(path, harness.load_hub_humaneval())
-            name = write_leaf(task_dir, "longattn_humaneval", TEMPLATES / "humaneval.yaml",
-                              dataset_kwargs={"data_files": {"test": str(path)}})
-            leaves.append(LeafTask(name, "short", task, "all", metric))
+            leaves.append(humaneval_leaf(run, cache, task_dir, tokenizer))
         elif data:
-            leaves += _local_mc(task_dir, data, task, metric)
+            leaves += _local_mc(task_dir, data, task, SHORT_METRICS[task])
         else:  # lm-eval's built-in hub task; `prepare` loads it once so the datasets cache holds it
-            leaves.append(LeafTask(task, "short", task, "all", metric, 100.0))
+            leaves.append(LeafTask(task, "short", task, "all", SHORT_METRICS[task], 100.0))
     return leaves
 
 
 def prepare(run: EvalRunConfig, task_dir: Path) -> list[LeafTask]:
     """Make (or reuse) every selected suite's data and write the run's task files."""
-    cache = Path(os.path.expanduser(run.eval.cache_dir)).resolve()
-    tokenizer = load_tokenizer(run) if {"ruler", "longbench"} & set(run.suite) else None
+    cache = cache_root(run)
+    if run.eval.prepare_only and "ruler" in run.suite and not ruler.punkt_available():
+        log.info("nltk punkt_tab (essay sentence split) downloaded: %s", ruler.download_punkt())
+    tokenizer = load_tokenizer(run)
     leaves: list[LeafTask] = []
     if "ruler" in run.suite:
         leaves += prepare_ruler(run, tokenizer, cache, task_dir)
     if "longbench" in run.suite:
         leaves += prepare_longbench(run, tokenizer, cache, task_dir)
     if "short" in run.suite:
-        leaves += prepare_short(run, cache, task_dir)
+        leaves += prepare_short(run, tokenizer, cache, task_dir)
         hub = [leaf.name for leaf in leaves if leaf.suite == "short" and not leaf.name.startswith("longattn_")]
         if hub and run.eval.prepare_only:
-            harness.warm_hub_tasks(hub)
+            harness.warm_hub_tasks(hub, prepare_command(run, "short"))
     return leaves

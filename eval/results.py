@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from eval.metrics import category_averages, mean
-from eval.suites import LONGBENCH_CATEGORIES, RULER_GROUPS
+from eval.suites import LONGBENCH_CATEGORIES, LONGBENCH_CATEGORIES_BY_LANGUAGE, RULER_GROUPS
 
 
 def collect(leaves: Iterable[Any], lm_results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
@@ -41,12 +41,21 @@ def ruler_groups(ruler: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
     return out
 
 
-def longbench_categories(lb: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The six category means of Table 3 and ``avg``, their mean (as LongBench's own summary)."""
-    cats = category_averages({t: v["all"] for t, v in lb.items()}, LONGBENCH_CATEGORIES)
+def longbench_categories(lb: dict[str, dict[str, float]],
+                         groups: dict[str, list[str]] = LONGBENCH_CATEGORIES) -> dict[str, float]:
+    """Category means and ``avg``, their mean (as LongBench's own summary). Default: the six categories of
+    the paper's Table 3, English and Chinese tasks mixed."""
+    cats = category_averages({t: v["all"] for t, v in lb.items()}, groups)
     if cats:
         cats["avg"] = mean(list(cats.values()))
     return cats
+
+
+def longbench_by_language(lb: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per language as LongBench's README leaderboard: ``en`` and ``zh``, each with the six categories
+    (the code tasks count in both) and ``avg``."""
+    out = {lang: longbench_categories(lb, groups) for lang, groups in LONGBENCH_CATEGORIES_BY_LANGUAGE.items()}
+    return {lang: cats for lang, cats in out.items() if cats}
 
 
 def categories(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
@@ -55,6 +64,7 @@ def categories(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any
         out["ruler"] = ruler_groups(results["ruler"])
     if "longbench" in results:
         out["longbench"] = longbench_categories(results["longbench"])
+        out["longbench_by_language"] = longbench_by_language(results["longbench"])
     if "short" in results:
         out["short"] = {"avg": mean([v["all"] for v in results["short"].values()])}
     return out
@@ -73,3 +83,29 @@ def flat_metrics(doc: dict[str, Any]) -> dict[str, float]:
 
     walk("", {k: v for k, v in doc.items() if k not in ("meta",)})
     return out
+
+
+def _requests(sample: dict[str, Any]) -> list[list[Any]]:
+    """A sample's request arguments, as lm-eval returns them (tuples) or after its tracker has saved them
+    (``{"gen_args_0": {"arg_0": ..., "arg_1": ...}}``)."""
+    args = sample["arguments"]
+    if isinstance(args, dict):
+        return [list(a.values()) for a in args.values()]
+    return [list(a) for a in args]
+
+
+def sample_rows(leaf: Any, samples: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    """The per-sample record a person checks a table number with: the prompt the model received, its
+    prediction (generated text; for multiple choice the log-likelihood of each choice), the references
+    and the sample's score on 0-100."""
+    for s in samples:
+        reqs, doc = _requests(s), s.get("doc") or {}
+        if leaf.max_gen_toks:
+            prediction: Any = s["filtered_resps"][0]
+        else:
+            prediction = {"choices": [r[1] for r in reqs],
+                          "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]]}
+        refs = doc.get("outputs") if "outputs" in doc else doc.get("answers", s.get("target"))
+        yield {"task": leaf.task, "column": leaf.key, "lm_eval_task": leaf.name, "doc_id": s.get("doc_id"),
+               "prompt": reqs[0][0], "prediction": prediction, "references": refs,
+               "score": float(s[leaf.metric]) * leaf.scale if leaf.metric in s else None}

@@ -2,6 +2,11 @@
 
 Plain data, no I/O. Task names are the reference benchmarks' (RULER ``qa_1`` = SQuAD, ``qa_2`` = HotpotQA;
 LongBench's dataset names); the lm-eval name each one comes from is kept next to it.
+
+The RULER reference is NVIDIA/RULER at commit c5341b4 (2024-12-04), the version current when the paper was
+written; lm-eval 0.4.13's port follows it (linear search of the haystack size, the ``assgined`` typo of the VT
+answer prefix, no space between the CWE example's answer prefix and its answer). docs/eval.md lists what
+RULER changed in 2025.
 """
 
 from __future__ import annotations
@@ -49,6 +54,12 @@ RULER_TASKS: dict[str, RulerTask] = {t.name: t for t in [
     RulerTask("qa_2", "qa", "string_match_part", {"dataset": "hotpotqa"}, max_gen_toks=32),
 ]}
 
+# Answer prefixes of the reference (RULER scripts/data/synthetic/constants.py) that lm-eval does not keep as
+# constants. The reference appends the prefix to the template before sizing a sample and sends
+# ``input + answer_prefix`` to the model; VT, CWE and FWE prefixes are lm-eval's CONFIG (the same text).
+RULER_NIAH_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+RULER_QA_ANSWER_PREFIX = " Answer:"
+
 # lm-eval 0.4.13 names of the same tasks (for readers comparing with `lm_eval --tasks ruler`).
 RULER_LM_EVAL_NAMES = {**{n: n for n in RULER_TASKS if n.startswith("niah")},
                        "vt": "ruler_vt", "cwe": "ruler_cwe", "fwe": "ruler_fwe",
@@ -72,30 +83,42 @@ class LongBenchTask:
     """Key of ``LONGBENCH_METRICS`` (eval/metrics.py)."""
     category: str
     """One of the six categories of the paper's Table 3."""
+    language: str
+    """``en``, ``zh`` or ``code`` (LongBench's README averages per language; code counts in both)."""
 
 
 _LB = [
-    ("narrativeqa", "qa_f1", "single_doc_qa"), ("qasper", "qa_f1", "single_doc_qa"),
-    ("multifieldqa_en", "qa_f1", "single_doc_qa"), ("multifieldqa_zh", "qa_f1_zh", "single_doc_qa"),
-    ("hotpotqa", "qa_f1", "multi_doc_qa"), ("2wikimqa", "qa_f1", "multi_doc_qa"),
-    ("musique", "qa_f1", "multi_doc_qa"), ("dureader", "rouge_zh", "multi_doc_qa"),
-    ("gov_report", "rouge", "summarization"), ("qmsum", "rouge", "summarization"),
-    ("multi_news", "rouge", "summarization"), ("vcsum", "rouge_zh", "summarization"),
-    ("trec", "classification", "few_shot"), ("triviaqa", "qa_f1", "few_shot"),
-    ("samsum", "rouge", "few_shot"), ("lsht", "classification", "few_shot"),
-    ("passage_count", "count", "synthetic"), ("passage_retrieval_en", "retrieval", "synthetic"),
-    ("passage_retrieval_zh", "retrieval_zh", "synthetic"),
-    ("lcc", "code_sim", "code"), ("repobench-p", "code_sim", "code"),
+    ("narrativeqa", "qa_f1", "single_doc_qa", "en"), ("qasper", "qa_f1", "single_doc_qa", "en"),
+    ("multifieldqa_en", "qa_f1", "single_doc_qa", "en"), ("multifieldqa_zh", "qa_f1_zh", "single_doc_qa", "zh"),
+    ("hotpotqa", "qa_f1", "multi_doc_qa", "en"), ("2wikimqa", "qa_f1", "multi_doc_qa", "en"),
+    ("musique", "qa_f1", "multi_doc_qa", "en"), ("dureader", "rouge_zh", "multi_doc_qa", "zh"),
+    ("gov_report", "rouge", "summarization", "en"), ("qmsum", "rouge", "summarization", "en"),
+    ("multi_news", "rouge", "summarization", "en"), ("vcsum", "rouge_zh", "summarization", "zh"),
+    ("trec", "classification", "few_shot", "en"), ("triviaqa", "qa_f1", "few_shot", "en"),
+    ("samsum", "rouge", "few_shot", "en"), ("lsht", "classification", "few_shot", "zh"),
+    ("passage_count", "count", "synthetic", "en"), ("passage_retrieval_en", "retrieval", "synthetic", "en"),
+    ("passage_retrieval_zh", "retrieval_zh", "synthetic", "zh"),
+    ("lcc", "code_sim", "code", "code"), ("repobench-p", "code_sim", "code", "code"),
 ]
-LONGBENCH_TASKS: dict[str, LongBenchTask] = {n: LongBenchTask(n, m, c) for n, m, c in _LB}
+LONGBENCH_TASKS: dict[str, LongBenchTask] = {n: LongBenchTask(n, m, c, lang) for n, m, c, lang in _LB}
 LONGBENCH_CATEGORIES: dict[str, list[str]] = {}
+"""The paper's Table 3: six categories, English and Chinese tasks mixed."""
 for _t in LONGBENCH_TASKS.values():
     LONGBENCH_CATEGORIES.setdefault(_t.category, []).append(_t.name)
+LONGBENCH_CATEGORIES_BY_LANGUAGE: dict[str, dict[str, list[str]]] = {
+    lang: {cat: [t for t in tasks if LONGBENCH_TASKS[t].language in (lang, "code")]
+           for cat, tasks in LONGBENCH_CATEGORIES.items()}
+    for lang in ("en", "zh")
+}
+"""LongBench's README leaderboard: per language, the same six categories (the two code tasks in both)."""
+LONGBENCH_BUDGET_32K = 31500
+"""The reference's truncation budget for its 32k models (LongBench ``config/model2maxlen.json``)."""
 
 # Short-context suites (Table 2): lm-eval task names; HumanEval is scored by the project (pass@1).
 SHORT_TASKS = ["mmlu", "hellaswag", "humaneval", "openbookqa"]
-# The metric each one reports in Table 2.
+# The metric each one reports in Table 2 (docs/eval.md gives the source of each choice).
 SHORT_METRICS = {"mmlu": "acc", "hellaswag": "acc_norm", "openbookqa": "acc_norm", "humaneval": "pass@1"}
+
 
 def reference_name(name: str) -> str:
     """lm-eval's name of a task (``ruler_qa_squad``, ``longbench_trec``) as the reference's (``qa_1``, ``trec``)."""

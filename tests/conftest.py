@@ -81,3 +81,13 @@ def corpus(tmp_path) -> Path:
         for r in sample_records(1):
             f.write(json.dumps({"id": r["id"], "category": r["category"], "content": r["content"][:6000]}) + "\n")
     return p
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _eval_cache_outside_home(tmp_path_factory):
+    """Evaluation data made from test fixtures never reaches the user's cache: every test, and every stage a
+    test launches (they inherit the environment), resolves eval.cache_dir's default to a session directory."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LONGATTN_EVAL_CACHE", str(tmp_path_factory.mktemp("eval_cache")))
+    yield
+    mp.undo()
