@@ -17,13 +17,26 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from longattn.common.io import atomic_writer, file_digest, write_json
+from longattn.common.io import atomic_writer, write_json
 
 __all__ = ["FORMAT", "content_fingerprint", "digest", "fingerprint", "keyed_records", "read_sidecar",
            "tokenizer_fingerprint", "versions", "write_records"]
 
 FORMAT = 2
 """Version of the prepared records and of the prompt logic; bump it when either changes."""
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime) within the process."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _SHA256:
+        with open(path, "rb") as f:
+            _SHA256[memo] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _SHA256[memo]
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
