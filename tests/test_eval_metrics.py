@@ -8,8 +8,21 @@ import pytest
 
 from eval import metrics as M
 from eval.humaneval import passes
-from eval.results import categories, collect, longbench_categories, ruler_groups
-from eval.suites import LONGBENCH_CATEGORIES, RULER_GROUPS, RULER_TASKS, SUITES
+from eval.results import (
+    categories,
+    collect,
+    longbench_by_language,
+    longbench_categories,
+    ruler_groups,
+    sample_rows,
+)
+from eval.suites import (
+    LONGBENCH_CATEGORIES,
+    LONGBENCH_CATEGORIES_BY_LANGUAGE,
+    RULER_GROUPS,
+    RULER_TASKS,
+    SUITES,
+)
 
 
 def test_string_match_part_is_reference_max_over_refs():
@@ -61,6 +74,13 @@ def test_classification_retrieval_count_code():
     assert M.code_sim("```python\n    return a - b\n", "    return a - b") == 1.0
 
 
+def test_classification_keeps_the_reference_iteration_quirk():
+    """LongBench's classification_score removes substrings of the truth from the list it iterates over, so
+    the class after each removal stays: "Ci" goes, "C" stays, and the score is 1/2, not 1."""
+    assert M.classification("City", "City", all_classes=["Ci", "C", "City"]) == 0.5
+    assert M.classification("City", "City", all_classes=["Ci", "City", "C"]) == 1.0
+
+
 def test_rouge_and_zh():
     assert M.rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0, abs=1e-6)
     assert M.rouge_l("", "the cat") == 0.0
@@ -84,6 +104,41 @@ def test_longbench_categories_table3():
     assert sum(map(len, LONGBENCH_CATEGORIES.values())) == 21 and len(LONGBENCH_CATEGORIES) == 6
     cats = longbench_categories({"narrativeqa": {"all": 10.0}, "qasper": {"all": 20.0}, "lcc": {"all": 60.0}})
     assert cats == {"single_doc_qa": 15.0, "code": 60.0, "avg": 37.5}
+
+
+def test_longbench_categories_per_language_as_the_readme():
+    """LongBench's README averages English and Chinese separately, the code tasks in both (its GPT-3.5 rows:
+    code 54.1 in both tables = mean(54.7, 53.6)); the paper's Table 3 mixes them."""
+    assert LONGBENCH_CATEGORIES_BY_LANGUAGE["zh"]["few_shot"] == ["lsht"]
+    assert LONGBENCH_CATEGORIES_BY_LANGUAGE["en"]["synthetic"] == ["passage_count", "passage_retrieval_en"]
+    lb = {"trec": {"all": 60.0}, "triviaqa": {"all": 80.0}, "lsht": {"all": 20.0}, "lcc": {"all": 54.7},
+          "repobench-p": {"all": 53.6}}
+    by_lang = longbench_by_language(lb)
+    assert by_lang["en"]["few_shot"] == 70.0 and by_lang["zh"]["few_shot"] == 20.0
+    assert by_lang["en"]["code"] == by_lang["zh"]["code"] == pytest.approx(54.15)
+    assert by_lang["zh"]["avg"] == pytest.approx((20.0 + 54.15) / 2)
+    assert longbench_categories(lb)["few_shot"] == pytest.approx(160 / 3)  # mixed, as Table 3
+    assert "longbench_by_language" in categories({"longbench": lb})
+
+
+def test_sample_rows_before_and_after_lm_evals_tracker():
+    """Per-sample rows from lm-eval's records as returned, and after its tracker rewrote them for saving."""
+    gen = _Leaf("longattn_ruler_vt_4096", "ruler", "vt", "4096", "score")
+    gen.max_gen_toks = 30
+    raw = {"doc_id": 0, "doc": {"outputs": ["AB"]}, "arguments": [("prompt text", {"until": []})],
+           "filtered_resps": ["AB CD"], "score": 100.0, "target": "['AB']"}
+    saved = {**raw, "arguments": {"gen_args_0": {"arg_0": "prompt text", "arg_1": {"until": []}}}}
+    for s in (raw, saved):
+        [row] = sample_rows(gen, [s])
+        assert row == {"task": "vt", "column": "4096", "lm_eval_task": gen.name, "doc_id": 0, "prompt": "prompt text",
+                       "prediction": "AB CD", "references": ["AB"], "score": 100.0}
+    mc = _Leaf("longattn_hellaswag", "short", "hellaswag", "all", "acc_norm", 100.0)
+    mc.max_gen_toks = 0
+    s = {"doc_id": 3, "doc": {}, "target": "1", "acc_norm": 1.0, "filtered_resps": [["-2.5", "False"], ["-1.0", "True"]],
+         "arguments": {"gen_args_0": {"arg_0": "ctx", "arg_1": " a"}, "gen_args_1": {"arg_0": "ctx", "arg_1": " b"}}}
+    [row] = sample_rows(mc, [s])
+    assert row["prediction"] == {"choices": [" a", " b"], "loglikelihoods": [-2.5, -1.0]}
+    assert row["references"] == "1" and row["score"] == 100.0
 
 
 def test_ruler_groups_per_length():
