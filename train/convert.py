@@ -163,3 +163,51 @@ def from_te_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                 name = name[: -len(te)] + local
         out[name] = w
     return out
+
+
+
+class DictReader:
+    """Slices of an in-memory HF state dict (what ``hf_to_mcore_shard`` reads; see ``train.hf`` for files)."""
+
+    def __init__(self, sd: dict[str, Tensor]):
+        self.sd = sd
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sd
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.sd[name].shape)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+        w = self.sd[name]
+        return w if dim is None else w.narrow(dim, start, (w.shape[dim] if stop is None else stop) - start)
+
+
+def hf_to_mcore_shard(src: DictReader, s: Shape, padded_vocab: int, tp: int, rank: int) -> dict[str, Tensor]:
+    """This tensor-parallel rank's part of the megatron state dict, reading only that part of each HF tensor
+    (equal to ``shard_tp(hf_to_mcore(hf), tp, rank)``): whole query groups of QKV, rows of fc1's gate and
+    up, columns of the row-parallel projections, rows of the (padded) vocabulary. ``src`` is any reader
+    with ``shape``/``read``/``in`` (a dict, or safetensors files read slice by slice)."""
+
+    def part(name: str, dim: int) -> Tensor:
+        n = src.shape(name)[dim] // tp
+        return src.read(name, dim, rank * n, (rank + 1) * n)
+
+    rows = padded_vocab // tp
+    lo, hi = min(rank * rows, s.vocab_size), min((rank + 1) * rows, s.vocab_size)
+    head = "lm_head.weight" if "lm_head.weight" in src else "model.embed_tokens.weight"  # tied: untie
+    out = {"embedding.word_embeddings.weight": pad_rows(src.read("model.embed_tokens.weight", 0, lo, hi), rows),
+           "decoder.final_layernorm.weight": src.read("model.norm.weight"),
+           "output_layer.weight": pad_rows(src.read(head, 0, lo, hi), rows)}
+    local = Shape(s.num_layers, s.num_heads // tp, s.num_kv_heads // tp, s.head_dim, s.vocab_size)
+    for i in range(s.num_layers):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        qkv = [part(h + f"self_attn.{x}_proj.weight", 0) for x in "qkv"]  # whole query groups per rank
+        out |= {m + "input_layernorm.weight": src.read(h + "input_layernorm.weight"),
+                m + "self_attention.linear_qkv.weight": _qkv_fuse(*qkv, local),
+                m + "self_attention.linear_proj.weight": part(h + "self_attn.o_proj.weight", 1),
+                m + "pre_mlp_layernorm.weight": src.read(h + "post_attention_layernorm.weight"),
+                m + "mlp.linear_fc1.weight": torch.cat([part(h + "mlp.gate_proj.weight", 0),
+                                                        part(h + "mlp.up_proj.weight", 0)]),
+                m + "mlp.linear_fc2.weight": part(h + "mlp.down_proj.weight", 1)}
+    return {k: v.contiguous() for k, v in out.items()}

@@ -1,4 +1,5 @@
-"""The training run: set-up (process groups, model, optimizer, data), the step loop, checkpoints, export.
+"""The training run: set-up (process groups, prepared data, model, optimizer), the step loop, checkpoints and
+the export at the end.
 
 Building blocks are megatron-core's (``train.megatron_backend``); this module holds the order of things.
 Data order is a pure function of the step: step ``s`` reads samples ``[s*GB, (s+1)*GB)`` of the blended
@@ -24,10 +25,12 @@ import torch.distributed as dist
 from longattn.common.models import load_tokenizer
 from longattn.common.tracking import MetricsLogger
 from train import megatron_backend as B
-from train.config import TrainRunConfig, derive
-from train.convert import from_te_names, gather_tp, hf_to_mcore, mcore_to_hf, shard_tp, to_te_names
-from train.data import blend_weights, build_sources
-from train.hf import flops_per_token, initial_weights, llama_config, save_hf, shape_of
+from train.config import TrainRunConfig, data_dir, derive
+from train.convert import hf_to_mcore_shard, to_te_names
+from train.export import TEMPLATE, export_checkpoint
+from train.hf import flops_per_token, initial_weights, llama_config, rope_theta, shape_of
+from train.prepare import ensure_prepared
+from train.samples import build_mix
 
 log = logging.getLogger(__name__)
 
@@ -44,56 +47,21 @@ class RunState:
 class StepBatches:
     """Micro-batches of one step for this data-parallel rank, as megatron's schedule pulls them."""
 
-    def __init__(self, dataset: Any, cfg: TrainRunConfig, step: int, device: torch.device):
+    def __init__(self, dataset: Any, cfg: TrainRunConfig, step: int, device: torch.device, te: bool):
         t = cfg.train
         per_rank = t.micro_batch_size * t.grad_accum
         self.start = step * t.global_batch_size + B.dp_rank() * per_rank
-        self.dataset, self.mbs, self.device, self.i = dataset, t.micro_batch_size, device, 0
+        self.dataset, self.mbs, self.device, self.te, self.i = dataset, t.micro_batch_size, device, te, 0
 
     def __iter__(self) -> StepBatches:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> dict[str, Any]:
         first = self.start + self.i * self.mbs
         self.i += 1
         samples = [self.dataset[j] for j in range(first, first + self.mbs)]
-        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
-        return B.context_parallel_slice({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-
-
-def build_dataset(cfg: TrainRunConfig, tokenizer: Any, vocab_size: int, rank: int) -> Any:
-    """Indexed datasets (tokenised on rank 0, others wait) blended with the Table 7 weights."""
-    data_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir) / "data")
-    prefixes = _sources_built_on_rank0(cfg, data_dir, vocab_size, rank)
-    weights = blend_weights(cfg.data.weights, prefixes)
-    if rank == 0:
-        dropped = sorted(set(cfg.data.weights) - set(weights))
-        log.info("data mix (renormalised over the sources present%s): %s",
-                 f"; absent: {', '.join(dropped)}" if dropped else "",
-                 ", ".join(f"{k} {100 * w:.1f}%" for k, w in weights.items()))
-    t = cfg.train
-    return B.build_blended_dataset(
-        [prefixes[k] for k in weights], list(weights.values()), num_samples=t.steps * t.global_batch_size,
-        seq_length=t.seq_length, seed=t.seed, vocab_size=vocab_size, eod=tokenizer.eos_token_id,
-        cache_dir=data_dir / "index_cache")
-
-
-def _sources_built_on_rank0(cfg: TrainRunConfig, data_dir: Path, vocab_size: int, rank: int) -> dict[str, str]:
-    """Rank 0 tokenises; the others poll for its ``ready.json`` instead of waiting in a collective, whose
-    timeout (minutes) is far shorter than tokenising billions of tokens."""
-    ready = data_dir / "ready.json"
-    if rank == 0:
-        ready.unlink(missing_ok=True)
-    dist.barrier()  # nobody reads a ready.json left by an earlier run
-    if rank == 0:
-        prefixes = build_sources(cfg.data, cfg.model, data_dir, vocab_size)
-        tmp = ready.with_suffix(".tmp")
-        tmp.write_text(json.dumps(prefixes))
-        tmp.replace(ready)
-        return prefixes
-    while not ready.is_file():
-        time.sleep(2.0)
-    return json.loads(ready.read_text())
+        batch = {k: torch.stack([s[k] for s in samples]).to(self.device, non_blocking=True) for k in samples[0]}
+        return B.model_inputs(batch, self.te)
 
 
 def _loss(loss_mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -105,7 +73,8 @@ def _loss(loss_mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tenso
 
 def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
     b = next(data_iterator)
-    out = model(b["tokens"], b["position_ids"], b.get("attention_mask"), labels=b["labels"])
+    out = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"],
+                packed_seq_params=b["packed_seq_params"])
     return out, partial(_loss, b["loss_mask"])
 
 
@@ -120,8 +89,7 @@ def save(out_dir: Path, opt: B.Optim, state: RunState, rank: int) -> None:
     name = f"step_{state.step:08d}"
     path = out_dir / "checkpoints" / name
     B.save_checkpoint(path, opt, {"state": asdict(state)})
-    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
-               path / f"rng_rank{rank:05d}.pt")
+    torch.save(B.rng_state(), path / f"rng_rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
         (out_dir / "checkpoints" / "latest").write_text(name + "\n")
@@ -130,45 +98,38 @@ def save(out_dir: Path, opt: B.Optim, state: RunState, rank: int) -> None:
 
 def resume(path: Path, opt: B.Optim, rank: int) -> RunState:
     common = B.load_checkpoint(path, opt)
-    rng = torch.load(path / f"rng_rank{rank:05d}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    B.set_rng_state(torch.load(path / f"rng_rank{rank:05d}.pt", weights_only=False))
     if rank == 0:
         log.info("resumed from %s (step %d)", path, common["state"]["step"])
     return RunState(**common["state"])
 
 
-def load_initial(model: torch.nn.Module, cfg: TrainRunConfig, conf: Any, padded_vocab: int) -> None:
-    full = hf_to_mcore(initial_weights(cfg.model, conf), shape_of(conf), padded_vocab)
-    local = shard_tp(full, cfg.parallel.tensor, B.tp_rank())
-    B.load_local_state_dict(model, to_te_names(local) if B.uses_te_names() else local)
+def load_initial(model: torch.nn.Module, cfg: TrainRunConfig, conf: Any, padded_vocab: int, te: bool) -> None:
+    """This rank's tensor-parallel part of the starting weights, read slice by slice from the HF files."""
+    local = hf_to_mcore_shard(initial_weights(cfg.model, conf), shape_of(conf), padded_vocab,
+                              cfg.parallel.tensor, B.tp_rank())
+    B.load_local_state_dict(model, to_te_names(local) if te else local)
 
 
-def export(out_dir: Path, opt: B.Optim, conf: Any, tokenizer: Any, rank: int, bf16: bool = False) -> None:
-    """Gather the tensor-parallel shards and write ``out_dir/hf`` (from global rank 0)."""
-    local = from_te_names(B.local_state_dict(opt.ddp))
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(B.parallel_state.get_tensor_model_parallel_world_size())]
-    for name, w in local.items():
-        parts = [torch.empty_like(w) for _ in shards]
-        dist.all_gather(parts, w.contiguous(), group=B.tp_group())
-        for sd, p in zip(shards, parts, strict=True):
-            sd[name] = p
-    if rank == 0:  # bf16 like the training weights (16 GB for 8B); fp32 on the CPU path
-        dtype = torch.float32 if B.ON_CPU or not bf16 else torch.bfloat16
-        save_hf(out_dir / "hf", conf, mcore_to_hf(gather_tp(shards), shape_of(conf)), tokenizer, dtype)
-    dist.barrier()
+def write_template(out_dir: Path, conf: Any, tokenizer: Any) -> None:
+    """The HF config and tokenizer an export pairs with the checkpoint's weights."""
+    path = out_dir / "checkpoints" / TEMPLATE
+    path.mkdir(parents=True, exist_ok=True)
+    conf.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 # -------------------------------------------------------------------------------------------------- run
-def build_model(conf: Any, cfg: TrainRunConfig) -> tuple[torch.nn.Module, Any, int]:
-    """The megatron GPTModel of HF config ``conf`` (this rank's shard): (model, TransformerConfig, padded vocab)."""
+def build_model(conf: Any, cfg: TrainRunConfig) -> tuple[torch.nn.Module, Any, int, bool]:
+    """The megatron GPTModel of HF config ``conf`` (this rank's shard): (model, TransformerConfig, padded
+    vocab, uses TransformerEngine)."""
     padded = B.padded_vocab_size(conf.vocab_size, cfg.parallel.tensor)
     spec = B.ModelSpec(shape=shape_of(conf), hidden_size=conf.hidden_size, ffn_hidden_size=conf.intermediate_size,
-                       rope_theta=conf.rope_parameters["rope_theta"], rms_norm_eps=conf.rms_norm_eps,
-                       padded_vocab=padded, max_seq_length=cfg.train.seq_length)
-    tconf = B.transformer_config(spec, dropout=cfg.train.dropout, bf16=cfg.train.bf16)
-    return B.build_model(spec, tconf), tconf, padded
+                       rope_theta=rope_theta(conf), rms_norm_eps=conf.rms_norm_eps, padded_vocab=padded,
+                       max_seq_length=cfg.train.seq_length)
+    te = B.uses_te(cfg.train.transformer_impl)
+    tconf = B.transformer_config(spec, cfg.train, cfg.parallel)
+    return B.build_model(spec, tconf, te), tconf, padded, te
 
 
 @contextlib.contextmanager
@@ -194,36 +155,39 @@ def run_train(cfg: TrainRunConfig) -> dict[str, Any]:
 def _run(cfg: TrainRunConfig, rank: int, world: int) -> dict[str, Any]:
     derive(cfg, world)
     t, out_dir = cfg.train, Path(cfg.out_dir)
+    manifest = ensure_prepared(cfg, rank)  # before the model: a GPU run without prepared data stops here
+    dataset = build_mix(manifest, data_dir(cfg) / "index_cache")
     tokenizer = load_tokenizer(cfg.model)
     conf = llama_config(cfg.model, tokenizer, t.seq_length)
-    model, tconf, padded = build_model(conf, cfg)
+    model, tconf, padded, te = build_model(conf, cfg)
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None:
-        load_initial(model, cfg, conf, padded)
-    opt = B.build_optimizer(model, tconf, cfg.schedule, steps=t.steps,
-                            distributed_optimizer=cfg.parallel.distributed_optimizer)
+        load_initial(model, cfg, conf, padded, te)
+    opt = B.build_optimizer(model, tconf, cfg.schedule, steps=t.steps, parallel=cfg.parallel)
     state = resume(ckpt, opt, rank) if ckpt is not None else RunState()
-    dataset = build_dataset(cfg, tokenizer, conf.vocab_size, rank)
     if rank == 0:
+        write_template(out_dir, conf, tokenizer)
         _drop_metrics_after(out_dir / "metrics.jsonl", state.step)
     metrics = MetricsLogger(out_dir, cfg.wandb, job_type="train", rank=rank,
                             config={"global_batch_size": t.global_batch_size, "steps": t.steps,
-                                    "data_parallel": cfg.parallel.data})
+                                    "data_parallel": cfg.parallel.data, "transformer_engine": te})
     if rank == 0:
-        log.info("training %s: %d steps x %d sequences x %d tokens (DP %d, TP %d, PP %d, CP %d), from step %d",
+        log.info("training %s: %d steps x %d sequences x %d tokens (DP %d, TP %d, PP %d, CP %d; %s), from step %d",
                  cfg.model.name, t.steps, t.global_batch_size, t.seq_length, cfg.parallel.data,
-                 cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context, state.step)
+                 cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context,
+                 "TransformerEngine" if te else "local spec", state.step)
     try:
-        _loop(cfg, opt, dataset, state, metrics, rank, flops_per_token(conf, t.seq_length) / world)
-        if state.step >= t.steps and t.export_hf:
-            export(out_dir, opt, conf, tokenizer, rank, bf16=t.bf16)
+        _loop(cfg, opt, dataset, state, metrics, rank, flops_per_token(conf, t.seq_length), world, te)
     finally:
         metrics.close()
+    if state.step >= t.steps and t.export_hf and rank == 0:
+        # One rank reads the checkpoint just written, on CPU, like longattn-export (no collective, no NCCL).
+        export_checkpoint(out_dir, out_dir / "hf", step=state.step)
     return {"step": state.step, "tokens": state.tokens}
 
 
 def _loop(cfg: TrainRunConfig, opt: B.Optim, dataset: Any, state: RunState, metrics: MetricsLogger,
-          rank: int, flops_per_token_per_device: float) -> None:
+          rank: int, flops_per_token_: float, world: int, te: bool) -> None:
     t, out_dir = cfg.train, Path(cfg.out_dir)
     device = torch.device("cpu") if B.ON_CPU else torch.device("cuda", torch.cuda.current_device())
     step_tokens = t.global_batch_size * t.seq_length
@@ -232,7 +196,7 @@ def _loop(cfg: TrainRunConfig, opt: B.Optim, dataset: Any, state: RunState, metr
     while state.step < stop:
         t0 = time.perf_counter()
         lr = B.current_lr(opt)
-        losses, grad_norm, ok = B.train_step(opt, forward_step, StepBatches(dataset, cfg, state.step, device),
+        losses, grad_norm, ok = B.train_step(opt, forward_step, StepBatches(dataset, cfg, state.step, device, te),
                                              num_microbatches=t.grad_accum, seq_length=t.seq_length,
                                              micro_batch_size=t.micro_batch_size)
         loss = _mean_loss(losses)
@@ -240,7 +204,8 @@ def _loop(cfg: TrainRunConfig, opt: B.Optim, dataset: Any, state: RunState, metr
         state.step, state.tokens = state.step + 1, state.tokens + step_tokens
         tps = step_tokens / dt
         row = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm or 0.0), "tokens_per_s": tps,
-               "mfu": flops_per_token_per_device * tps / (t.peak_tflops * 1e12), "tokens": state.tokens,
+               "tokens_per_s_per_device": tps / world,
+               "mfu": flops_per_token_ * tps / world / (t.peak_tflops * 1e12), "tokens": state.tokens,
                "skipped": not ok}
         metrics.log(row, step=state.step)
         if rank == 0 and (state.step % t.log_every == 0 or state.step == stop):

@@ -1,16 +1,20 @@
-"""The one module that imports ``megatron.core``: process groups, model, DDP/optimizer/scheduler,
-forward-backward step, distributed checkpoints and indexed/blended datasets.
+"""The module that imports megatron-core's model side: process groups, model, DDP/optimizer/scheduler, the
+forward-backward step, batches as model inputs, RNG state and distributed checkpoints (datasets:
+``train.samples``).
 
-Tested with megatron-core 0.16.1 and 0.19.2 (CPU, Python 3.11). Where releases differ, the code checks for the
-feature (``_accepts``) rather than the version.
-Without a CUDA device every call runs inside ``train.cpu_compat.cpu_device_scope`` (see there).
+Written against megatron-core 0.16 (the floor in pyproject: ``get_thd_batch_on_this_cp_rank`` and the
+arguments passed here exist from 0.16.0 on). Without a CUDA device every call runs inside
+``train.cpu_compat.cpu_device_scope`` (see there). GPU settings follow Megatron-LM's own recipes: bf16,
+the distributed optimizer, sequence parallelism with TP, grad-reduce / param-gather overlap, and the
+fused kernels (bias-SwiGLU, bias-dropout-add, RoPE, grad-accumulation, cross-entropy).
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
 import os
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -32,27 +33,22 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from train.config import DecayStyle
+from train import batches
+from train.config import DecayStyle, ParallelConfig, Recompute, TrainConfig, TransformerImpl, te_available
 from train.convert import Shape
 
 log = logging.getLogger(__name__)
 
-try:  # TransformerEngine is optional: its fused layer spec when installed, megatron's local spec otherwise.
-    import transformer_engine  # noqa: F401
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-    HAVE_TE = True
-except ImportError:
-    HAVE_TE = False
-
 ON_CPU = not torch.cuda.is_available()
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
+def uses_te(impl: TransformerImpl) -> bool:
+    """TransformerEngine's layer spec: on CUDA unless ``local`` was asked for (validated before the run)."""
+    return not ON_CPU and impl != TransformerImpl.local and te_available()
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -67,11 +63,8 @@ def init_distributed(tp: int, pp: int, cp: int, seed: int) -> tuple[int, int]:
         else:  # a single process: an in-memory store, no TCP port that could collide with another job
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(tp, pp, context_parallel_size=cp)
-    # The inference tracker forks no CUDA RNG state: dropout draws from torch's default (CPU) generator.
-    seed_fn = tensor_parallel.model_parallel_cuda_manual_seed
-    if ON_CPU and not _accepts(seed_fn, "inference_rng_tracker"):
-        raise RuntimeError("this megatron-core has no inference_rng_tracker: the CPU path needs >= 0.14")
-    seed_fn(seed, **({"inference_rng_tracker": True} if ON_CPU else {}))
+    # CPU: the inference tracker forks no CUDA RNG state, dropout draws from torch's default generator.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, **({"inference_rng_tracker": True} if ON_CPU else {}))
     torch.manual_seed(seed)  # the CPU generator: model init and, on CPU, dropout (the same on every rank)
     return dist.get_rank(), dist.get_world_size()
 
@@ -80,15 +73,6 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def context_parallel_slice(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This context-parallel rank's chunks of the sequence (megatron's load-balanced split); identity at CP 1."""
-    if parallel_state.get_context_parallel_world_size() == 1:
-        return batch
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    return get_batch_on_this_cp_rank(batch)
 
 
 def loss_group() -> Any:
@@ -100,16 +84,8 @@ def tp_rank() -> int:
     return parallel_state.get_tensor_model_parallel_rank()
 
 
-def tp_group() -> Any:
-    return parallel_state.get_tensor_model_parallel_group()
-
-
 def dp_rank() -> int:
     return parallel_state.get_data_parallel_rank()
-
-
-def dp_size() -> int:
-    return parallel_state.get_data_parallel_world_size()
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -126,33 +102,62 @@ class ModelSpec:
     max_seq_length: int
 
 
-def transformer_config(spec: ModelSpec, *, dropout: float, bf16: bool) -> TransformerConfig:
-    """LLaMA-3 in megatron terms: RMSNorm, SwiGLU, GQA, no biases; fused CUDA kernels off on CPU."""
-    s = spec.shape
+def _fusions(te: bool) -> dict[str, Any]:
+    """Fused kernels on CUDA as Megatron-LM's LLaMA recipes use them; the local spec gets the ones that need
+    no TransformerEngine or APEX (bias-SwiGLU, bias-dropout-add: torch.jit; megatron's own fused CE)."""
+    from megatron.core.extensions import transformer_engine as mte
+
+    te_ce = te and getattr(mte, "te_parallel_cross_entropy", None) is not None
+    return dict(bias_activation_fusion=True, bias_dropout_fusion=True, apply_rope_fusion=te,
+                gradient_accumulation_fusion=te, masked_softmax_fusion=te, cross_entropy_loss_fusion=True,
+                cross_entropy_fusion_impl="te" if te_ce else "native")
+
+
+def _recompute(train: TrainConfig) -> dict[str, Any]:
+    if train.recompute == Recompute.selective:
+        return dict(recompute_granularity="selective")  # megatron's default module: core_attn
+    if train.recompute == Recompute.full:
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=train.recompute_layers)
+    return {}
+
+
+def transformer_config(spec: ModelSpec, train: TrainConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """LLaMA-3 in megatron terms: RMSNorm, SwiGLU, GQA, no biases; bf16, fusions and overlaps on CUDA."""
+    s, te = spec.shape, uses_te(train.transformer_impl)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    bf16 = train.bf16 and not ON_CPU
+    dtype = torch.bfloat16 if bf16 else torch.float32
     kwargs: dict[str, Any] = dict(
         num_layers=s.num_layers, hidden_size=spec.hidden_size, num_attention_heads=s.num_heads,
         num_query_groups=s.num_kv_heads, kv_channels=s.head_dim, ffn_hidden_size=spec.ffn_hidden_size,
         normalization="RMSNorm", layernorm_epsilon=spec.rms_norm_eps, gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=False,
-        hidden_dropout=dropout, attention_dropout=dropout,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        hidden_dropout=train.dropout, attention_dropout=train.dropout,
+        tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
-        sequence_parallel=parallel_state.get_tensor_model_parallel_world_size() > 1 and not ON_CPU,
-        bf16=bf16 and not ON_CPU, params_dtype=torch.bfloat16 if bf16 and not ON_CPU else torch.float32,
-        pipeline_dtype=torch.bfloat16 if bf16 and not ON_CPU else torch.float32,
-        use_cpu_initialization=ON_CPU, perform_initialization=True, init_method_std=0.02)
-    if ON_CPU:  # fused kernels need CUDA
-        kwargs |= dict(bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-                       gradient_accumulation_fusion=False, persist_layer_norm=False)
+        sequence_parallel=parallel.sequence_parallel and tp > 1 and not ON_CPU,  # gloo has no reduce-scatter
+        bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
+        use_cpu_initialization=ON_CPU, perform_initialization=True, init_method_std=0.02, **_recompute(train))
+    if ON_CPU or not train.fusions:  # fused kernels need CUDA
+        kwargs |= dict(bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+                       masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+                       cross_entropy_loss_fusion=False)
+    else:
+        kwargs |= _fusions(te)
     return TransformerConfig(**kwargs)
 
 
-def build_model(spec: ModelSpec, config: TransformerConfig) -> GPTModel:
-    if config.context_parallel_size > 1 and not uses_te_names():
+def build_model(spec: ModelSpec, config: TransformerConfig, te: bool) -> GPTModel:
+    if config.context_parallel_size > 1 and not te:
         raise ValueError("parallel.context > 1 needs TransformerEngine on GPU (megatron's local attention has no CP)")
-    layer_spec = (get_gpt_layer_with_transformer_engine_spec() if HAVE_TE and not ON_CPU
-                  else get_gpt_layer_local_spec(normalization="RMSNorm"))
+    if te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     model = GPTModel(config, layer_spec, vocab_size=spec.padded_vocab, max_sequence_length=spec.max_seq_length,
                      position_embedding_type="rope", rotary_base=int(spec.rope_theta),
                      share_embeddings_and_output_weights=False,
@@ -163,20 +168,10 @@ def build_model(spec: ModelSpec, config: TransformerConfig) -> GPTModel:
     return model
 
 
-def uses_te_names() -> bool:
-    return HAVE_TE and not ON_CPU
-
-
 def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 128) -> int:
     """Megatron pads the vocabulary to a multiple of 128 * TP (the extra rows are never targets)."""
     m = divisible_by * tp
     return ((vocab + m - 1) // m) * m
-
-
-def local_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's parameters (DDP wrapper removed), detached on the CPU."""
-    inner = model.module if hasattr(model, "module") else model
-    return {k: v.detach().float().cpu() for k, v in inner.state_dict().items() if not k.endswith("_extra_state")}
 
 
 def load_local_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
@@ -185,6 +180,40 @@ def load_local_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def model_inputs(batch: dict[str, torch.Tensor], te: bool) -> dict[str, Any]:
+    """A batch of samples as GPTModel inputs, documents kept apart (``train.batches``):
+    - local spec (CPU): an explicit causal per-document mask (RoPE is relative, so with the mask a document's
+      offset inside the sample changes nothing);
+    - TransformerEngine: single-document samples (the windows) use the causal kernel, split over context-
+      parallel ranks by megatron; packed samples are flattened to ``thd`` with ``cu_seqlens`` at the
+      documents, which also restarts RoPE per document."""
+    cp = parallel_state.get_context_parallel_world_size()
+    if not te:
+        return batch | {"attention_mask": batches.causal_document_mask(batch["position_ids"]),
+                        "packed_seq_params": None}
+    if not batches.is_packed(batch["position_ids"]):
+        if cp > 1:
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            batch = get_batch_on_this_cp_rank(batch)
+        return batch | {"attention_mask": None, "packed_seq_params": None}
+    flat = {k: v.reshape(1, -1) for k, v in batch.items()}
+    if cp == 1:
+        cu, longest = batches.cu_seqlens(flat["position_ids"])
+        cu = cu.to(flat["tokens"].device)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                 max_seqlen_kv=longest)
+        return flat | {"attention_mask": None, "packed_seq_params": params}
+    from megatron.core.utils import get_thd_batch_on_this_cp_rank
+
+    flat, cu, cu_padded = batches.pad_documents_for_cp(flat, 2 * cp)
+    device = flat["tokens"].device
+    longest = (cu_padded[1:] - cu_padded[:-1]).max().reshape(1)
+    flat, params = get_thd_batch_on_this_cp_rank(flat, cu.to(device), cu_padded.to(device), longest)
+    return flat | {"attention_mask": None, "packed_seq_params": params}
 
 
 # ------------------------------------------------------------------------------------- DDP and optimizer
@@ -196,15 +225,19 @@ class Optim:
 
 
 def build_optimizer(model: GPTModel, config: TransformerConfig, sched: Any, *, steps: int,
-                    distributed_optimizer: bool) -> Optim:
-    """megatron DDP (grads reduced in fp32) + Adam (distributed when asked, on GPU) + LR scheduler."""
-    dist_opt = distributed_optimizer and not ON_CPU  # DistributedOptimizer rejects CPU tensors (cpu_compat)
+                    parallel: ParallelConfig) -> Optim:
+    """megatron DDP (grads reduced in fp32) + Adam (distributed on GPU) + LR scheduler; on CUDA the grad
+    reduce overlaps the backward pass and the parameter all-gather the next forward."""
+    dist_opt = parallel.distributed_optimizer and not ON_CPU  # DistributedOptimizer rejects CPU tensors
+    overlap_grad = parallel.overlap_grad_reduce and not ON_CPU
+    overlap_param = parallel.overlap_param_gather and dist_opt
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=dist_opt), model)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad, overlap_param_gather=overlap_param,
+        use_distributed_optimizer=dist_opt, check_for_nan_in_grad=not ON_CPU), model)
     opt_cfg = OptimizerConfig(optimizer="adam", lr=sched.lr, min_lr=sched.min_lr, weight_decay=sched.weight_decay,
-                              adam_beta1=sched.adam_beta1, adam_beta2=sched.adam_beta2, clip_grad=sched.clip_grad,
-                              bf16=config.bf16, params_dtype=config.params_dtype,
-                              use_distributed_optimizer=dist_opt)
+                              adam_beta1=sched.adam_beta1, adam_beta2=sched.adam_beta2, adam_eps=sched.adam_eps,
+                              clip_grad=sched.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
+                              use_distributed_optimizer=dist_opt, overlap_param_gather=overlap_param)
     optimizer = get_megatron_optimizer(opt_cfg, [ddp])
     warmup = int(round(sched.warmup_fraction * steps))
     scheduler = OptimizerParamScheduler(
@@ -212,6 +245,8 @@ def build_optimizer(model: GPTModel, config: TransformerConfig, sched: Any, *, s
         lr_warmup_steps=warmup, lr_decay_steps=steps, lr_decay_style=DecayStyle(sched.decay).megatron,
         start_wd=sched.weight_decay, end_wd=sched.weight_decay, wd_incr_steps=steps, wd_incr_style="constant")
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad:  # reduce only after the last micro-batch (Megatron-LM's training loop does the same)
+        config.no_sync_func = ddp.no_sync
     return Optim(ddp, optimizer, scheduler)
 
 
@@ -235,13 +270,28 @@ def current_lr(opt: Optim) -> float:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+@contextlib.contextmanager
+def params_in_sync(opt: Optim) -> Iterator[None]:
+    """With the overlapped parameter all-gather, the last step's parameters arrive only in the next forward:
+    gather them now (for a checkpoint), as Megatron-LM does around its saves."""
+    hooked = getattr(opt.ddp, "use_forward_hook", False)
+    if hooked:
+        opt.ddp.disable_forward_pre_hook()  # also starts a synchronous param all-gather
+    try:
+        yield
+    finally:
+        if hooked:
+            opt.ddp.enable_forward_pre_hook()
+
+
 def save_checkpoint(path: Path, opt: Optim, common: dict[str, Any]) -> None:
     """Distributed checkpoint (model + optimizer, resharding-capable) and the scheduler/loop state."""
-    model_sd = opt.ddp.module.sharded_state_dict()
-    sd = {"model": model_sd, "optimizer": opt.optimizer.sharded_state_dict(model_sd),
-          "scheduler": opt.scheduler.state_dict(), "common": common}
-    path.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(sd, str(path))
+    with params_in_sync(opt):
+        model_sd = opt.ddp.module.sharded_state_dict()
+        sd = {"model": model_sd, "optimizer": opt.optimizer.sharded_state_dict(model_sd),
+              "scheduler": opt.scheduler.state_dict(), "common": common}
+        path.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(sd, str(path))
 
 
 def load_checkpoint(path: Path, opt: Optim) -> dict[str, Any]:
@@ -254,42 +304,20 @@ def load_checkpoint(path: Path, opt: Optim) -> dict[str, Any]:
     return sd["common"]
 
 
-# ------------------------------------------------------------------------------------------------- data
-class IndexedWriter:
-    """Streams token lists into a megatron indexed dataset ``prefix.bin`` / ``prefix.idx``."""
-
-    def __init__(self, prefix: str | Path, vocab_size: int):
-        self.prefix = str(prefix)
-        dtype = np.uint16 if vocab_size < 65500 else np.int32
-        self.builder = IndexedDatasetBuilder(self.prefix + ".bin", dtype=dtype)
-
-    def add(self, tokens: list[int]) -> None:
-        self.builder.add_document(torch.tensor(tokens, dtype=torch.int64), [len(tokens)])
-
-    def finalize(self) -> None:
-        self.builder.finalize(self.prefix + ".idx")
+def rng_state() -> dict[str, Any]:
+    """This rank's generators: torch (CPU, CUDA), megatron's model-parallel RNG tracker (dropout inside
+    tensor-parallel regions on GPU), numpy and Python."""
+    return {"torch": torch.get_rng_state(), "cuda": [] if ON_CPU else torch.cuda.get_rng_state_all(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(), "numpy": np.random.get_state(),
+            "python": random.getstate()}
 
 
-class _TokenizerInfo:
-    """What GPTDataset reads from a tokenizer: the vocabulary size and the end-of-document id (no pad)."""
-
-    def __init__(self, vocab_size: int, eod: int):
-        self.vocab_size, self.eod = vocab_size, eod
-        # GPTDataset hashes its config, tokenizer included, into the names of its index caches.
-        self.unique_identifiers = {"class": "TokenizerInfo", "vocab_size": vocab_size, "eod": eod}
-
-
-def build_blended_dataset(prefixes: list[str], weights: list[float], *, num_samples: int, seq_length: int,
-                          seed: int, vocab_size: int, eod: int, cache_dir: Path) -> Any:
-    """megatron's BlendedMegatronDatasetBuilder over GPTDatasets: a fixed, seeded order of ``num_samples``.
-
-    Explicit causal masks only on CPU (the local attention needs one there); at 32k a [L, L] mask per sample
-    would cost 1 GB, and on GPU the attention kernels apply causality themselves.
-    """
-    cfg = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split="100,0,0",
-        path_to_cache=str(cache_dir), tokenizer=_TokenizerInfo(vocab_size, eod),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=ON_CPU, mid_level_dataset_surplus=0.05)
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, cfg).build()
-    return train
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("tracker"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
