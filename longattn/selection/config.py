@@ -15,6 +15,7 @@ from omegaconf import MISSING
 from longattn.common.errors import Choice, ConfigError
 from longattn.common.models import ModelConfig, ModelSource
 from longattn.common.tracking import WandbConfig
+from longattn.selection.dataset import DatasetConfig
 from longattn.selection.shards import ShardConfig
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "WindowConfig", "ScorerConfig", "SelectConfig", "Normalize",
@@ -102,6 +103,8 @@ class SelectRunConfig:
     """The scorer's own config (its schema comes with the ``scorer=`` group: longattn, ...)."""
     select: SelectConfig = field(default_factory=SelectConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """``out_dir/dataset/``: the kept windows as Parquet shards with a Hugging Face dataset card (optional upload)."""
     shard: ShardConfig = field(default_factory=ShardConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """W&B logging of the merged run: counts, per-category statistics, score histograms, the selected set."""
@@ -138,6 +141,8 @@ def validate(cfg: SelectRunConfig) -> None:
     if cfg.model.source == ModelSource.random and not cfg.model.tokenizer:
         raise ConfigError(f"model={cfg.model.name} (random) needs model.tokenizer=DIR_OR_GGUF")
     cfg.shard.validate()
+    if cfg.dataset.shard_rows < 1:
+        raise ConfigError(f"dataset.shard_rows={cfg.dataset.shard_rows} must be >= 1")
     if cfg.window.workers < 1:
         raise ConfigError(f"window.workers={cfg.window.workers} must be >= 1")
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from longattn.common.distributed import resolve_rank
 from longattn.common.io import JsonlAppender, write_json
 from longattn.selection.config import SelectRunConfig
+from longattn.selection.dataset import write_dataset
 from longattn.selection.merge import merge_outputs, shard_path
 from longattn.selection.scorers import Scorer
 from longattn.selection.shards import MergeMode, Plan, my_shards
@@ -71,6 +72,8 @@ def run_select(cfg: SelectRunConfig) -> SelectResult:
     pre = _preprocess_stats(cfg, out_dir)
     metrics = merge_outputs(cfg, plan, out_dir, shards_dir, pre)
     write_json(out_dir / "metrics.json", metrics)
+    if cfg.dataset.enabled:  # the kept windows as Parquet + a dataset card (longattn.selection.dataset)
+        write_dataset(cfg, out_dir, metrics)
     _log_run(cfg, out_dir, metrics)
     return SelectResult(out_dir, metrics, {n: out_dir / n for n in OUTPUTS if (out_dir / n).exists()})
 
