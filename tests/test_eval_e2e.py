@@ -128,7 +128,7 @@ def test_backend_never_truncates(run, tokenizer):
     RULER length: the backend got room (results meta), and lm-eval never cut a prompt."""
     room = run["results"]["meta"]["backend_max_length"]
     assert room > MAX_LENGTH
-    assert "Left truncation" not in run["log"] and "truncat" not in run["log"].lower().replace("truncated", "")
+    assert "Left truncation" not in run["log"]  # lm-eval's HF backend warns when it cuts a prompt
     gen = {**{t: RULER_TASKS[t].max_gen_toks for t in RULER_TASKS}, "humaneval": 1024}
     for task, max_gen in gen.items():
         for r in samples(run, task):
