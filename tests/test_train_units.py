@@ -331,3 +331,58 @@ def test_prepare_script_is_a_cpu_array_of_prepare_ranks(tmp_path):
     cmd = lines[-1]
     assert "train.prepare_only=true" in cmd and "data.prepare.rank=$SLURM_ARRAY_TASK_ID" in cmd
     assert "data.workers=$SLURM_CPUS_PER_TASK" in cmd and cmd.count("data.prepare.world_size=16") == 1
+
+
+def test_megatron_core_has_every_name_and_keyword_train_passes():
+    """The floor in pyproject (megatron-core>=0.16) is where these first all exist; GPU-only ones included."""
+    pytest.importorskip("megatron.core")
+    import dataclasses
+    import inspect
+
+    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+    from megatron.core.datasets import helpers
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.utils import get_batch_on_this_cp_rank, get_thd_batch_on_this_cp_rank
+
+    def missing_fields(cls, names: str) -> set[str]:
+        return set(names.split()) - {f.name for f in dataclasses.fields(cls)}
+
+    def missing_params(fn, names: str) -> set[str]:
+        return set(names.split()) - set(inspect.signature(fn).parameters)
+
+    assert not missing_fields(TransformerConfig, """num_layers hidden_size num_attention_heads num_query_groups
+        kv_channels ffn_hidden_size normalization layernorm_epsilon gated_linear_unit activation_func add_bias_linear
+        add_qkv_bias hidden_dropout attention_dropout tensor_model_parallel_size pipeline_model_parallel_size
+        context_parallel_size sequence_parallel bf16 params_dtype pipeline_dtype use_cpu_initialization
+        perform_initialization init_method_std recompute_granularity recompute_method recompute_num_layers
+        bias_activation_fusion bias_dropout_fusion apply_rope_fusion masked_softmax_fusion gradient_accumulation_fusion
+        persist_layer_norm cross_entropy_loss_fusion cross_entropy_fusion_impl finalize_model_grads_func no_sync_func""")
+    assert not missing_fields(DistributedDataParallelConfig, """grad_reduce_in_fp32 overlap_grad_reduce
+        overlap_param_gather use_distributed_optimizer check_for_nan_in_grad""")
+    assert not missing_fields(OptimizerConfig, """optimizer lr min_lr weight_decay adam_beta1 adam_beta2 adam_eps
+        clip_grad bf16 params_dtype use_distributed_optimizer overlap_param_gather""")
+    assert not missing_fields(GPTDatasetConfig, """random_seed sequence_length blend split path_to_cache tokenizer
+        reset_position_ids reset_attention_mask eod_mask_loss create_attention_mask""")
+    assert not missing_fields(PackedSeqParams, "qkv_format cu_seqlens_q cu_seqlens_kv max_seqlen_q max_seqlen_kv")
+    assert not missing_params(OptimizerParamScheduler.__init__, """optimizer init_lr max_lr min_lr lr_warmup_steps
+        lr_decay_steps lr_decay_style start_wd end_wd wd_incr_steps wd_incr_style""")
+    assert not missing_params(GPTModel.__init__, """vocab_size max_sequence_length position_embedding_type
+        rotary_base share_embeddings_and_output_weights pre_process post_process""")
+    assert not missing_params(GPTModel.forward, "input_ids position_ids attention_mask labels packed_seq_params")
+    assert not missing_params(tensor_parallel.model_parallel_cuda_manual_seed, "seed inference_rng_tracker")
+    assert not missing_params(parallel_state.get_data_parallel_group, "with_context_parallel")
+    assert not missing_params(get_thd_batch_on_this_cp_rank, "batch cu_seqlens cu_seqlens_padded max_seqlen")
+    assert callable(get_batch_on_this_cp_rank) and callable(helpers.build_blending_indices)
+    for owner, names in [(IndexedDatasetBuilder, "add_index add_document finalize"),
+                         (GPTDataset, "_query_document_sample_shuffle_indices"),
+                         (DistributedDataParallel, "no_sync disable_forward_pre_hook enable_forward_pre_hook"),
+                         (tensor_parallel.random.CudaRNGStatesTracker, "get_states set_states"),
+                         (dist_checkpointing, "save load")]:
+        assert all(hasattr(owner, n) for n in names.split()), owner
