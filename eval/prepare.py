@@ -122,7 +122,7 @@ class RulerSources:
         if self.cfg.haystack:
             return Path(self.cfg.haystack), fingerprint(self.cfg.haystack)
         src = Source("RULER essay haystack (Paul Graham essays)", f"hub dataset {ruler.ESSAY_DATASET}",
-                     "ruler/paul_graham_essays.txt", local_key="suite.ruler.haystack")
+                     "ruler/paul_graham_essays.txt", local="suite.ruler.haystack=<text file>")
         path = fetch(src, self.cache, download_hub_text(ruler.ESSAY_DATASET), self.cmd)
         return path, {"origin": src.origin, **content_fingerprint(path)}
 
@@ -133,7 +133,7 @@ class RulerSources:
             return Path(local), fingerprint(local)
         url = ruler.qa_url(dataset)
         name = "SQuAD v2 dev (RULER qa_1)" if dataset == "squad" else "HotpotQA dev distractor (RULER qa_2)"
-        src = Source(name, url, f"ruler/{Path(url).name}", local_key=f"suite.ruler.{dataset}", url=True)
+        src = Source(name, url, f"ruler/{Path(url).name}", local=f"suite.ruler.{dataset}=<json file>", url=True)
         path = fetch(src, self.cache, download_url(url), self.cmd)
         return path, {"origin": url, **content_fingerprint(path)}
 
@@ -187,7 +187,7 @@ def longbench_source(run: EvalRunConfig, task: str, cache: Path) -> tuple[Path, 
         path = Path(data_dir) / f"{task}.jsonl"
         return path, fingerprint(path)
     src = Source("LongBench data (data.zip of the reference)", f"hub dataset {LONGBENCH_REPO}", "longbench/data",
-                 local_key="suite.longbench.data_dir")
+                 local="suite.longbench.data_dir=<directory of <task>.jsonl files>")
     path = fetch(src, cache, download_longbench_zip, prepare_command(run, "longbench")) / f"{task}.jsonl"
     return path, {"origin": src.origin, **content_fingerprint(path)}
 
@@ -271,7 +271,7 @@ def humaneval_leaf(run: EvalRunConfig, cache: Path, task_dir: Path, tokenizer: A
         path = Path(data_dir).resolve() / "humaneval.jsonl"
     else:
         src = Source("HumanEval", f"hub dataset {HUMANEVAL_DATASET}", "humaneval/test.jsonl",
-                     local_key="suite.short.data_dir")
+                     local="suite.short.data_dir=<directory with humaneval.jsonl>")
         path = fetch(src, cache, download_hub_jsonl(HUMANEVAL_DATASET, "test"), prepare_command(run, "short"))
     spec = yaml.load((TEMPLATES / "humaneval.yaml").read_text(encoding="utf-8"), Loader=_TaskFileLoader)
     count = backend_tokens(tokenizer)

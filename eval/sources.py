@@ -41,8 +41,8 @@ class Source:
     """Where it comes from: a URL or a hub dataset."""
     relpath: str
     """Where its copy lives under ``<cache>/sources``."""
-    local_key: str | None = None
-    """The config key that names a local copy instead (``suite.ruler.haystack``)."""
+    local: str | None = None
+    """How to give a local copy instead: ``suite.ruler.haystack=<text file>``."""
     url: bool = False
     """Fetched with plain HTTP (no hub offline switch of its own)."""
 
@@ -65,7 +65,7 @@ def fetch(src: Source, cache: Path, download: Callable[[Path], None], prepare_cm
             reason = f"{type(e).__name__}: {e}".strip()[:300]
         finally:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-    local = f", or give a local copy with {src.local_key}=<file>" if src.local_key else ""
+    local = f"\nor give a local copy: {src.local}" if src.local else ""
     raise MissingDataError(f"{src.name} ({src.origin}) is not in the evaluation cache {cache} and cannot be "
                            f"fetched here: {reason}. Fetch it on a node with internet:\n  {prepare_cmd}{local}")
 

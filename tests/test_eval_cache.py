@@ -102,9 +102,15 @@ def test_fixture_data_never_reaches_the_default_cache(tokenizer_dir, tmp_path_fa
     ("short", "humaneval", ["HumanEval", "openai/openai_humaneval", "suite.short.data_dir"]),
 ])
 def test_cold_cache_offline_names_what_is_missing(tokenizer_dir, tmp_path, monkeypatch, suite, task, names):
-    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    import datasets.config
+    import huggingface_hub.constants
+
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # as an offline job sets them (read at import)
         monkeypatch.setenv(k, "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # a cold datasets cache too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # cold caches too
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     budget = ["model.max_length=1000", "suite.longbench.max_prompt_tokens=300"] if suite == "longbench" else []
     run = _compose(f"model.path={tokenizer_dir}", f"suite={suite}", f"eval.tasks=[{task}]", "eval.lengths=[1024]",
                    *budget, f"eval.cache_dir={tmp_path / 'c'}", "eval.prepare_only=true")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -18,10 +19,14 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     from eval.run import run_eval
+    from eval.sources import MissingDataError
 
     run_cfg = to_schema(cfg)
     save_config(cfg, run_cfg.out_dir)
-    doc = run_eval(run_cfg)
+    try:
+        doc = run_eval(run_cfg)
+    except MissingDataError as e:  # what is missing and the command that fetches it; no traceback
+        sys.exit(f"error: {e}")
     if doc is not None:
         print(json.dumps({k: v for k, v in doc.items() if k != "meta"}, indent=1))
 
