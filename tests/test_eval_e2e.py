@@ -17,6 +17,7 @@ from conftest import ROOT, needs_smollm2
 
 pytest.importorskip("lm_eval")
 
+from eval.longbench_prompts import MAX_GEN  # noqa: E402
 from eval.suites import LONGBENCH_TASKS, RULER_TASKS  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "eval"
@@ -129,7 +130,7 @@ def test_backend_never_truncates(run, tokenizer):
     room = run["results"]["meta"]["backend_max_length"]
     assert room > MAX_LENGTH
     assert "Left truncation" not in run["log"]  # lm-eval's HF backend warns when it cuts a prompt
-    gen = {**{t: RULER_TASKS[t].max_gen_toks for t in RULER_TASKS}, "humaneval": 1024}
+    gen = {**{t: RULER_TASKS[t].max_gen_toks for t in RULER_TASKS}, **MAX_GEN, "humaneval": 1024}
     for task, max_gen in gen.items():
         for r in samples(run, task):
             assert len(tokenizer(r["prompt"]).input_ids) + max_gen <= room, task
