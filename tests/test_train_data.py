@@ -139,7 +139,7 @@ def test_preparation_shards_over_processes_and_resumes(inputs, tiny_hf_dir, tmp_
     # A killed run: one unit and the merge are gone; the rerun tokenises that unit only.
     (tmp_path / "one" / "data" / "prepared.json").unlink()
     next((tmp_path / "one" / "data" / "units").glob("selected-*/u000001.done.json")).unlink()
-    with caplog.at_level(logging.INFO, logger="train.prepare"):
+    with caplog.at_level(logging.INFO, logger="train"):
         again = prepared(tmp_path / "one", 1, 0)
     assert "tokenised 1 units" in caplog.text
     assert tokens(again) == tokens(one)

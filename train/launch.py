@@ -130,8 +130,8 @@ def launch_slurm(cfg: TrainRunConfig, overrides: list[str]) -> bool:
     if missing:
         log.warning("data is not prepared (%s): the training job must wait for %s", missing, prep)
     if not cfg.launcher.submit:
-        first = f"sbatch {prep} && " if missing else ""
-        log.info("wrote %s; submit with: %ssbatch %s", path, first, path)
+        dep = f"--dependency=afterok:$(sbatch --parsable {prep}) " if missing else ""
+        log.info("wrote %s; submit with: sbatch %s%s", path, dep, path)
         return True
     dep = []
     if missing:

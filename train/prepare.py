@@ -19,15 +19,11 @@ finished units, but it tokenises only where ``data.prepare.in_run`` allows (by d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
-import time
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,32 +35,19 @@ from longattn.common.errors import ConfigError
 from longattn.common.io import write_json
 from longattn.common.models import load_tokenizer
 from train.config import BosMode, TrainRunConfig, data_dir, short_sources
-from train.tokenize import TokenSpec, UnitTask, init_worker, iter_raw_records, safe_name, tokenize_unit
+from train.tokenize import TokenSpec
+from train.units import (
+    SHORT,
+    WINDOWS,
+    Input,
+    digest,
+    merge_source,
+    tokenize_share,
+    unit_stats,
+    units_for_merge,
+)
 
 log = logging.getLogger(__name__)
-
-WINDOWS, SHORT = "windows", "short"
-
-
-def _digest(obj: Any, n: int = 12) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
-@dataclass(frozen=True)
-class Input:
-    """One input file and the key of its units (what they were tokenised from and how)."""
-
-    kind: str
-    name: str
-    path: str
-    key: str
-
-    def unit_dir(self, root: Path) -> Path:
-        return root / "units" / f"{safe_name(self.name)}-{self.key}"
-
-    def unit_prefix(self, root: Path, k: int) -> str:
-        return str(self.unit_dir(root) / f"u{k:06d}")
-
 
 class NotPrepared(ConfigError):
     """The run needs tokenising that this machine must not do (a GPU node)."""
@@ -101,16 +84,16 @@ def inputs(cfg: TrainRunConfig, spec: TokenSpec, tok: Any) -> list[Input]:
     found = []
     if cfg.data.selected:
         path = str(Path(cfg.data.selected) / "selected.jsonl")
-        found.append(Input(WINDOWS, "selected", path, _digest({**common, "kind": WINDOWS, **_fingerprint(path)})))
+        found.append(Input(WINDOWS, "selected", path, digest({**common, "kind": WINDOWS, **_fingerprint(path)})))
     for name, path in short_sources(cfg.data).items():
-        found.append(Input(SHORT, name, path, _digest({**common, "kind": SHORT, **_fingerprint(path)})))
+        found.append(Input(SHORT, name, path, digest({**common, "kind": SHORT, **_fingerprint(path)})))
     return found
 
 
 def prepared_key(cfg: TrainRunConfig, ins: list[Input]) -> str:
     """What a prepared data directory was built for: inputs, mix, number of samples, margin and seed."""
     t = cfg.train
-    return _digest({"inputs": [asdict(i) for i in ins], "weights": dict(cfg.data.weights),
+    return digest({"inputs": [asdict(i) for i in ins], "weights": dict(cfg.data.weights),
                     "samples": t.steps * t.global_batch_size, "seq_length": t.seq_length, "seed": t.seed,
                     "margin": cfg.data.prepare.short_margin, "preview": cfg.data.preview}, 16)
 
@@ -173,176 +156,6 @@ def mix_plan(cfg: TrainRunConfig, categories: dict[str, int]) -> MixPlan:
     return MixPlan(weights, samples, budgets, dropped)
 
 
-# ----------------------------------------------------------------------------------------------- units
-def _done(prefix: str, key: str) -> dict[str, Any] | None:
-    try:
-        marker = json.loads(Path(prefix + ".done.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return marker if marker.get("key") == key else None
-
-
-def _short_tokens(marker: dict[str, Any]) -> int:
-    return sum(o["tokens"] for o in marker["outputs"].values())
-
-
-def short_needed(inp: Input, root: Path, k: int, budget: int, unit_records: int) -> bool:
-    """Whether unit k of a short source is needed: the units before it (their token counts where known, the
-    mean of the known ones otherwise) hold fewer than ``budget`` tokens, and none of them ended the file."""
-    known, unknown = [], 0
-    for j in range(k):
-        m = _done(inp.unit_prefix(root, j), inp.key)
-        if m is None:
-            unknown += 1
-        elif m["records"] < unit_records:
-            return False  # the file ended before unit k
-        else:
-            known.append(_short_tokens(m))
-    if not known:
-        return True
-    return sum(known) + unknown * (sum(known) / len(known)) < budget
-
-
-def short_units(inp: Input, unit_records: int) -> Iterator[tuple[int, list[tuple[int, str]]]]:
-    """(unit index, its raw records) in file order; a full last unit is followed by an empty one (the end)."""
-    unit: list[tuple[int, str]] = []
-    k = 0
-    for rec in iter_raw_records(inp.path):
-        unit.append(rec)
-        if len(unit) == unit_records:
-            yield k, unit
-            k, unit = k + 1, []
-    yield k, unit
-
-
-class _Workers:
-    """Tokeniser processes (spawned: the parent runs torch threads) or this process for ``data.workers=0``;
-    at most ``limit`` units in flight, so the caller decides what comes next from what finished."""
-
-    def __init__(self, cfg: TrainRunConfig):
-        self.n = cfg.data.workers
-        if self.n > 0:
-            self.pool = mp.get_context("spawn").Pool(self.n, initializer=init_worker, initargs=(cfg.model,))
-        else:
-            init_worker(cfg.model)
-        self.inflight: deque = deque()
-        self.finished = 0
-
-    def submit(self, task: UnitTask, limit: int) -> None:
-        if self.n == 0:
-            tokenize_unit(task)
-            self.finished += 1
-            return
-        self.inflight.append(self.pool.apply_async(tokenize_unit, (task,)))
-        while len(self.inflight) >= limit:
-            self.wait_one()
-
-    def wait_one(self) -> None:
-        self.inflight.popleft().get()
-        self.finished += 1
-
-    def drain(self) -> None:
-        while self.inflight:
-            self.wait_one()
-
-    def close(self) -> None:
-        self.drain()
-        if self.n > 0:
-            self.pool.close()
-            self.pool.join()
-
-
-def tokenize_share(cfg: TrainRunConfig, spec: TokenSpec, ins: list[Input], scan: dict | None, plan: MixPlan,
-                   root: Path, rank: int, world: int) -> int:
-    """Tokenise this rank's units that are not finished yet; returns how many it tokenised."""
-    c = cfg.data.prepare.unit_records
-    workers = _Workers(cfg)
-    t0 = time.perf_counter()
-    try:
-        for inp in ins:
-            inp.unit_dir(root).mkdir(parents=True, exist_ok=True)
-            if inp.kind == WINDOWS:
-                assert scan is not None
-                for k, offset in enumerate(scan["offsets"]):
-                    prefix = inp.unit_prefix(root, k)
-                    if k % world == rank and _done(prefix, inp.key) is None:
-                        workers.submit(UnitTask(WINDOWS, inp.name, k, prefix, inp.key, spec, path=inp.path,
-                                                offset=offset, count=c), limit=4 * max(workers.n, 1))
-                continue
-            if inp.name not in plan.budgets:
-                continue
-            workers.drain()  # short budgets are decided from finished units
-            for k, records in short_units(inp, c):
-                if not short_needed(inp, root, k, plan.budgets[inp.name], c):
-                    break
-                prefix = inp.unit_prefix(root, k)
-                if k % world == rank and _done(prefix, inp.key) is None:
-                    workers.submit(UnitTask(SHORT, inp.name, k, prefix, inp.key, spec, lines=tuple(records)),
-                                   limit=max(workers.n, 1))
-                if len(records) < c:
-                    break
-            workers.drain()
-    finally:
-        workers.close()
-    if workers.finished:
-        log.info("data prep rank %d/%d: tokenised %d units in %.1f s", rank, world, workers.finished,
-                 time.perf_counter() - t0)
-    return workers.finished
-
-
-def units_for_merge(inp: Input, root: Path, scan: dict | None, plan: MixPlan, unit_records: int
-                    ) -> tuple[list[dict[str, Any]], list[int]]:
-    """(done markers to merge, in order; indices of needed units that are missing)."""
-    if inp.kind == WINDOWS:
-        assert scan is not None
-        markers = [_done(inp.unit_prefix(root, k), inp.key) for k in range(len(scan["offsets"]))]
-        return [m | {"k": k} for k, m in enumerate(markers) if m], [k for k, m in enumerate(markers) if m is None]
-    if inp.name not in plan.budgets:
-        return [], []
-    used, tokens, k = [], 0, 0
-    while tokens < plan.budgets[inp.name]:
-        m = _done(inp.unit_prefix(root, k), inp.key)
-        if m is None:
-            return used, [k]
-        used.append(m | {"k": k})
-        tokens += _short_tokens(m)
-        if m["records"] < unit_records:
-            break
-        k += 1
-    return used, []
-
-
-# ------------------------------------------------------------------------------------------------ merge
-def merge_source(name: str, inp: Input, root: Path, markers: list[dict[str, Any]], dtype: type) -> dict[str, Any]:
-    """Concatenate the units' outputs for dataset ``name`` into ``root/merged/<name>-<digest>``."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    part = "" if inp.kind == SHORT else name
-    parts = [m for m in markers if part in m["outputs"]]
-    prefix = str(root / "merged" / f"{safe_name(name)}-{_digest([inp.key, name, [m['k'] for m in parts]])}")
-    if not Path(prefix + ".ids").is_file():
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{prefix}.tmp{os.getpid()}"
-        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-        with open(tmp + ".ids", "w", encoding="utf-8") as ids:
-            for m in parts:
-                unit = inp.unit_prefix(root, m["k"]) + (f".{safe_name(part)}" if part else "")
-                builder.add_index(unit)
-                ids.write(Path(unit + ".ids").read_text(encoding="utf-8"))
-        builder.finalize(tmp + ".idx")
-        for ext in (".bin", ".idx", ".ids"):  # .ids last: it marks a finished merge
-            os.replace(tmp + ext, prefix + ext)
-    return {"prefix": prefix, "docs": sum(m["outputs"][part]["docs"] for m in parts),
-            "tokens": sum(m["outputs"][part]["tokens"] for m in parts)}
-
-
-def _stats(markers: list[dict[str, Any]]) -> dict[str, int]:
-    total: Counter = Counter()
-    for m in markers:
-        total.update(m.get("stats", {}))
-    return dict(total)
-
-
 def finalize(cfg: TrainRunConfig, spec: TokenSpec, ins: list[Input], scan: dict | None, plan: MixPlan,
              root: Path) -> dict[str, Any]:
     """Merged datasets + manifest + index caches + ``samples_preview.jsonl`` (all units must be done)."""
@@ -352,11 +165,11 @@ def finalize(cfg: TrainRunConfig, spec: TokenSpec, ins: list[Input], scan: dict 
     datasets: dict[str, dict[str, Any]] = {}
     stats: dict[str, dict[str, int]] = {}
     for inp in ins:
-        markers, missing = units_for_merge(inp, root, scan, plan, c)
+        markers, missing = units_for_merge(inp, root, scan, plan.budgets, c)
         if missing:
             raise NotPrepared(f"data for {inp.name} is not prepared: units {missing[:10]} of {inp.unit_dir(root)} "
                               "are missing")
-        stats[inp.name] = _stats(markers)
+        stats[inp.name] = unit_stats(markers)
         names = [n for n in plan.weights if (n in (scan or {}).get("categories", {}) if inp.kind == WINDOWS
                                              else n == inp.name)]
         for name in names:
@@ -430,6 +243,7 @@ def _scan(ctx: Context, cfg: TrainRunConfig) -> dict[str, Any] | None:
     if sel is None:
         return None
     marker = ctx.root / "plan" / f"scan-{sel.key}.json"
+    marker.parent.mkdir(parents=True, exist_ok=True)
     return build_once(marker, sel.key, lambda: scan_windows(sel.path, cfg.data.prepare.unit_records), rank=0)
 
 
@@ -437,12 +251,12 @@ def prepare(cfg: TrainRunConfig, ctx: Context, *, rank: int = 0, world: int = 1,
             ) -> dict[str, Any] | None:
     """Prepare this rank's share; the process that finds every rank finished merges and returns the manifest
     (None for the others). ``tokenize=False`` only merges finished units (or raises ``NotPrepared``)."""
-    (ctx.root / "plan").mkdir(parents=True, exist_ok=True)
     scan = _scan(ctx, cfg)
     plan = mix_plan(cfg, (scan or {}).get("categories", {}))
     if tokenize:
-        tokenize_share(cfg, ctx.spec, ctx.inputs, scan, plan, ctx.root, rank, world)
+        tokenize_share(cfg, ctx.spec, ctx.inputs, scan, plan.budgets, ctx.root, rank, world)
     if world > 1:
+        (ctx.root / "plan").mkdir(parents=True, exist_ok=True)
         write_json(ctx.root / "plan" / f"rank-{ctx.key}-{rank:05d}-of-{world:05d}.json", {"done": True})
         finished = len(list((ctx.root / "plan").glob(f"rank-{ctx.key}-*-of-{world:05d}.json")))
         if finished < world:
@@ -455,7 +269,7 @@ def prepare(cfg: TrainRunConfig, ctx: Context, *, rank: int = 0, world: int = 1,
             log.info("data prep rank %d/%d done; another rank merges", rank, world)
             return None
     if tokenize and world > 1:  # fill gaps: units a rank estimated as unneeded, or of a rank that died
-        tokenize_share(cfg, ctx.spec, ctx.inputs, scan, plan, ctx.root, 0, 1)
+        tokenize_share(cfg, ctx.spec, ctx.inputs, scan, plan.budgets, ctx.root, 0, 1)
     manifest = finalize(cfg, ctx.spec, ctx.inputs, scan, plan, ctx.root)
     write_json(ctx.marker, {"key": ctx.key, "value": manifest})
     return manifest
@@ -474,7 +288,7 @@ def missing_work(cfg: TrainRunConfig, world_size: int) -> str:
         return ""
     scan = _scan(ctx, cfg)
     plan = mix_plan(cfg, (scan or {}).get("categories", {}))
-    missing = {i.name: units_for_merge(i, ctx.root, scan, plan, cfg.data.prepare.unit_records)[1] for i in ctx.inputs}
+    missing = {i.name: units_for_merge(i, ctx.root, scan, plan.budgets, cfg.data.prepare.unit_records)[1] for i in ctx.inputs}
     return ", ".join(f"{n}: {len(m)} units" for n, m in missing.items() if m)
 
 
