@@ -34,6 +34,7 @@ from eval.sources import (
     download_longbench_zip,
     download_url,
     fetch,
+    offline,
 )
 from eval.suites import LONGBENCH_TASKS, RULER_TASKS, SHORT_METRICS
 from longattn.common.io import read_jsonl
@@ -299,7 +300,7 @@ def prepare_short(run: EvalRunConfig, tokenizer: Any, cache: Path, task_dir: Pat
 def prepare(run: EvalRunConfig, task_dir: Path) -> list[LeafTask]:
     """Make (or reuse) every selected suite's data and write the run's task files."""
     cache = cache_root(run)
-    if run.eval.prepare_only and "ruler" in run.suite and not ruler.punkt_available():
+    if run.eval.prepare_only and "ruler" in run.suite and not offline() and not ruler.punkt_available():
         log.info("nltk punkt_tab (essay sentence split) downloaded: %s", ruler.download_punkt())
     tokenizer = load_tokenizer(run)
     leaves: list[LeafTask] = []

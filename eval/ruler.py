@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from eval.suites import RULER_NIAH_ANSWER_PREFIX, RULER_QA_ANSWER_PREFIX, RulerTask
+from longattn.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,9 @@ def _qa(task: RulerTask, tok: Any, length: int, n: int, qa: tuple[list[dict], li
     from lm_eval.tasks.ruler import qa_utils
 
     qas, docs = qa
+    if len(qas) < n:  # the reference would fail on QAS[index] as well
+        raise ConfigError(f"suite.ruler.num_samples={n}: the {task.params['dataset']} source has only {len(qas)} "
+                          f"answerable questions for {task.name}")
     original = qa_utils.TEMPLATE
     qa_utils.TEMPLATE = qa_utils.CONFIG["template"] + RULER_QA_ANSWER_PREFIX  # sized with the prefix
     try:

@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from eval.config import register_configs, to_schema
+from eval.config import ConfigError, register_configs, to_schema
 from longattn.common.hydra_app import CONF_DIR, save_config
 
 log = logging.getLogger("longattn.cli.eval")
@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     save_config(cfg, run_cfg.out_dir)
     try:
         doc = run_eval(run_cfg)
-    except MissingDataError as e:  # what is missing and the command that fetches it; no traceback
+    except (MissingDataError, ConfigError) as e:  # what is missing or wrong, and what to do; no traceback
         sys.exit(f"error: {e}")
     if doc is not None:
         print(json.dumps({k: v for k, v in doc.items() if k != "meta"}, indent=1))
