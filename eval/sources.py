@@ -62,6 +62,8 @@ def fetch(src: Source, cache: Path, download: Callable[[Path], None], prepare_cm
             tmp.replace(path)
             return path
         except OSError as e:  # requests, datasets and huggingface_hub raise OSError subclasses
+            if path.exists():  # another job of a shared cache fetched it meanwhile
+                return path
             reason = f"{type(e).__name__}: {e}".strip()[:300]
         finally:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
