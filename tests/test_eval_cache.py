@@ -190,3 +190,15 @@ def test_samsum_stops_on_the_newline_token_after_one_token(tokenizer_dir, tmp_pa
     assert generate(greedy(8, **samsum_stop(tok, "hf"))) == tok.decode([word]) + "\n"
     assert generate(greedy(8, until=["\n"])) == ""
     assert samsum_stop(tok, "vllm") == {"stop_token_ids": [newline], "min_tokens": 1}
+
+
+def test_each_ruler_length_is_its_own_lm_eval_task(tokenizer_dir, tmp_path):
+    """So eval.limit applies to every length (lm-eval's ruler group takes the limit from the first only)."""
+    run = _compose(f"model.path={tokenizer_dir}", "eval.prepare_only=true", "suite=ruler", "eval.tasks=[fwe]",
+                   "eval.lengths=[256,512]", "suite.ruler.num_samples=1", f"eval.cache_dir={tmp_path / 'c'}")
+    leaves = prepare(run, tmp_path / "tasks")
+    assert [(leaf.name, leaf.key, leaf.max_gen_toks) for leaf in leaves] == [
+        ("longattn_ruler_fwe_256", "256", 50), ("longattn_ruler_fwe_512", "512", 50)]
+    spec = yaml.safe_load((tmp_path / "tasks" / "longattn_ruler_fwe_512.yaml").read_text())
+    assert spec["include"].endswith("ruler.yaml") and spec["generation_kwargs"]["max_gen_toks"] == 50
+    assert json.loads(_data_file(tmp_path / "tasks", "longattn_ruler_fwe_512").read_text())["max_length"] == 512
