@@ -126,8 +126,9 @@ def evaluate_all(run: EvalRunConfig, leaves: list[LeafTask], out: Path, max_leng
     hub = [leaf.name for leaf in leaves if not leaf.name.startswith("longattn_")]
     manager = harness.task_manager(out / "tasks", builtin=bool(hub))
     by_name = {leaf.name: leaf for leaf in leaves}
-    for old in (out / "samples").glob("*.jsonl"):  # the files are appended to: start from none
-        old.unlink()
+    if env_rank()[0] == 0:  # rank 0 writes the per-sample files, appending: start from none
+        for old in (out / "samples").glob("*.jsonl"):
+            old.unlink()
     merged: dict[str, Any] = {"results": {}, "n-samples": {}}
     for shots, group in _shot_groups(run, leaves).items():
         names = [leaf.name for leaf in group]
