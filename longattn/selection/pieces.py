@@ -1,49 +1,52 @@
 """Pre-processing spread over ranks (docs/method.md §1): the inputs cut into pieces, each piece's windows
-written by one rank with a completion marker, then one cheap pass that numbers (or samples) the windows.
+written with a completion marker; ``longattn.selection.numbering`` then numbers them in one cheap pass.
 
 - **Pieces.** Every input file is a piece; an uncompressed JSON Lines file larger than ``shard.piece_mb`` is
   cut into byte ranges at line starts (one read that counts newlines, so every record keeps its true line
   number). Rank 0 writes the list once (``preprocess/pieces.json``); pieces go to ranks by size, largest
   first to the least loaded rank. Compressed and Parquet files are one piece each: split a large one into
   several files to spread it.
-- **Windows per piece.** A rank tokenises its pieces and writes ``preprocess/piece-00042.jsonl``, the windows
+- **Windows per piece.** A rank tokenises a piece and writes ``preprocess/piece-00042.jsonl``, the windows
   in input order without ids; ``piece-00042.json``, written last, is the completion marker and holds the
   piece's counters and each window's byte offset and category. A killed rank redoes only its piece in flight.
-- **Numbering.** Once every piece is done, rank 0 reads the markers alone (no window text) and writes the
-  shard plan: ids count per category in input order (the reference's numbering), so shard ``s`` starts at a
-  known piece, byte offset and counter value, and every rank reads its shards straight from the pieces.
-  ``window.sample_size`` draws the reference's seeded sample from the same index into ``windows.jsonl``.
+- **Helping.** A rank that has done its own pieces takes pending pieces of other ranks (from the last one
+  back), so a SLURM array that runs only some of its elements at a time never waits on elements not yet
+  started, and fast ranks shorten the tail. A claim file (``piece-00042.claim``, refreshed while the piece is
+  worked on) keeps two ranks off one piece; a claim left by a dead process goes stale after
+  ``CLAIM_STALE_SECONDS`` (one of this rank's own is taken at once: it is an earlier, killed run of it).
+  Correctness never rests on claims: a piece's bytes depend on its input alone, and every process writes
+  under a private temporary name, so two ranks making one piece leave one identical file.
 
 Nothing depends on the world size or on the piece size: ids and outputs are byte-identical to one process's.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
-import random
+import os
 import resource
+import socket
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from longattn.common.io import InputRecord, atomic_writer, is_gzip, iter_file, write_json
+from longattn.common.io import InputRecord, is_gzip, iter_file, write_json
 from longattn.selection.config import DataConfig, WindowConfig
 from longattn.selection.progress import Progress
-from longattn.selection.shards import Plan
-from longattn.selection.windows import PreprocessStats, located_documents, window_line, write_windows
+from longattn.selection.windows import PreprocessStats, located_documents, write_windows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Piece", "plan_pieces", "load_pieces", "assign_pieces", "piece_files", "preprocess_pieces",
-           "pieces_done", "number_windows", "iter_piece_shard", "combine_stats", "next_id"]
+__all__ = ["Piece", "plan_pieces", "load_pieces", "assign_pieces", "piece_files", "preprocess_piece",
+           "preprocess_pieces", "pieces_done", "remove_temporaries", "CLAIM_STALE_SECONDS"]
 
-_INDEX_KEYS = ("piece", "rank", "offsets", "categories")
-"""Marker keys that describe one piece only (not summed into the run's counters)."""
+CLAIM_STALE_SECONDS = 600.0
+"""A claim not refreshed for this long belongs to a dead process: another rank may take the piece."""
+_HEARTBEAT_SECONDS = 30.0
 
 
 @dataclass
@@ -154,26 +157,78 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+@contextlib.contextmanager
+def _private_writer(path: Path) -> Iterator[IO[bytes]]:
+    """Write ``path`` through a temporary name of this process's own, renamed at the end: two ranks making
+    the same piece write identical bytes and never see each other's half file."""
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _claim_path(pre_dir: Path, index: int) -> Path:
+    return pre_dir / f"piece-{index:05d}.claim"
+
+
+def _claim(pre_dir: Path, index: int, rank: int) -> bool:
+    """Take a piece unless another live rank is on it (see the module docstring)."""
+    path = _claim_path(pre_dir, index)
+    me = json.dumps({"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            held, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
+        except (OSError, ValueError):  # being written this instant: someone has just taken it
+            return False
+        if held.get("rank") != rank and age < CLAIM_STALE_SECONDS:
+            return False
+        path.write_text(me)
+        return True
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    return True
+
+
+def _claimable(pre_dir: Path, index: int, rank: int) -> bool:
+    path = _claim_path(pre_dir, index)
+    try:
+        held, age = json.loads(path.read_text()), time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return held.get("rank") == rank or age >= CLAIM_STALE_SECONDS
+
+
 def preprocess_piece(piece: Piece, data: DataConfig, window: WindowConfig, tokenizer: Any, pre_dir: Path,
                      rank: int = 0, progress: Progress | None = None) -> dict[str, Any]:
     """Write one piece's windows, then its marker (counters, cost, and each window's offset and category)."""
     out, marker = piece_files(pre_dir, piece.index)
     stats = PreprocessStats()
-    position, reported = [0], [0]
+    position, reported, beat = [0], [0], [time.monotonic()]
+    claim = _claim_path(pre_dir, piece.index)
 
     def on_document(n_windows: int, n_tokens: int) -> None:
         if progress is not None:
             progress.advance(position[0] - reported[0], n_windows, n_tokens)
             reported[0] = position[0]
+        if time.monotonic() - beat[0] >= _HEARTBEAT_SECONDS and claim.exists():
+            os.utime(claim)  # still alive: the claim stays fresh
+            beat[0] = time.monotonic()
 
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    with atomic_writer(out, "wb") as f:
+    with _private_writer(out) as f:
         index = write_windows(located_documents(_piece_records(piece, position), data, stats), tokenizer, window,
                               f, stats, on_document)
     done = {**stats.to_dict(), "piece": piece.index, "rank": rank, "bytes": piece.size,
             "seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - cpu0,
             "offsets": [o for o, _ in index], "categories": [c for _, c in index]}
-    write_json(marker, done)
+    with _private_writer(marker) as f:
+        f.write((json.dumps(done) + "\n").encode())
     if progress is not None:
         progress.advance(piece.size - reported[0], 0, 0)
     return done
@@ -185,142 +240,53 @@ def pieces_done(pre_dir: Path, pieces: list[Piece]) -> list[bool]:
 
 def preprocess_pieces(pieces: list[Piece], owner: list[int], rank: int, world: int, data: DataConfig,
                       window: WindowConfig, tokenizer: Callable[[], Any], pre_dir: Path, *, log_every: int,
-                      on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Pre-process this rank's pieces that have no marker yet (``tokenizer`` is loaded only if one is left)."""
-    mine = [p for p, r in zip(pieces, owner, strict=True) if r == rank]
-    done = pieces_done(pre_dir, mine)
-    todo = [p for p, d in zip(mine, done, strict=True) if not d]
-    if not todo:
-        log.info("preprocess rank %d/%d: my %d pieces are done", rank, world, len(mine))
-        return
-    progress = Progress("preprocess", rank, world, total=sum(p.size for p in mine), unit="bytes",
-                        done_before=sum(p.size for p, d in zip(mine, done, strict=True) if d), log_every=log_every,
-                        snapshot_dir=pre_dir, on_report=on_report)
-    if len(todo) < len(mine):
-        log.info("preprocess rank %d/%d: resuming, %d of my %d pieces already done", rank, world,
-                 len(mine) - len(todo), len(mine))
-    tok = tokenizer()
-    for p in todo:
-        preprocess_piece(p, data, window, tok, pre_dir, rank, progress)
-    progress.close()
+                      on_report: Callable[[dict[str, Any]], None] | None = None,
+                      wait: Callable[[Callable[[], bool]], None] | None = None) -> None:
+    """Pre-process this rank's pending pieces, then help with other ranks' (see the module docstring).
 
-
-# --- numbering ------------------------------------------------------------------------------------
-def next_id(prefix: str, category: str, counters: Counter) -> str:
-    """The reference's ids: prefix + 7-digit counter from 1, one counter per (formatted) prefix."""
-    p = prefix.format(category=category)
-    counters[p] += 1
-    return p + str(counters[p]).zfill(7)
-
-
-def _add(acc: dict[str, Any], part: dict[str, Any]) -> None:
-    """Add one piece's counters into the run's: numbers sum, dicts merge, lists concatenate (no repeats)."""
-    for k, v in part.items():
-        if k not in acc:
-            acc[k] = copy.deepcopy(v)
-        elif isinstance(v, bool) or not isinstance(v, int | float | dict | list):
-            continue
-        elif isinstance(v, int | float):
-            acc[k] += v
-        elif isinstance(v, dict):
-            _add(acc[k], v)
-        else:
-            acc[k] += [x for x in v if x not in acc[k]]
-
-
-def combine_stats(markers: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's pre-processing counters from its pieces' (in input order), plus the cost per rank."""
-    out: dict[str, Any] = {}
-    ranks: dict[str, dict[str, float]] = {}
-    for m in markers:
-        _add(out, {k: v for k, v in m.items() if k not in _INDEX_KEYS})
-        r = ranks.setdefault(str(m.get("rank", 0)), {"pieces": 0, "bytes": 0, "seconds": 0.0, "cpu_seconds": 0.0,
-                                                     "tokens": 0})
-        r["pieces"] += 1
-        r["tokens"] += sum(m.get("tokens_in", {}).values())
-        for k in ("bytes", "seconds", "cpu_seconds"):
-            r[k] += m.get(k, 0)
-    out["errors"] = out.get("errors", [])[:20]  # as one process reports them: the first 20 in input order
-    out["pieces"] = len(markers)
-    out["ranks"] = ranks
-    return out
-
-
-def _markers(pieces: list[Piece], pre_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(piece_files(pre_dir, p.index)[1].read_text()) for p in pieces]
-
-
-def number_windows(pieces: list[Piece], pre_dir: Path, window: WindowConfig, shard_windows: int,
-                   out_dir: Path) -> tuple[Plan, dict[str, Any]]:
-    """The shard plan over every piece's windows, and the run's pre-processing counters."""
-    markers = _markers(pieces, pre_dir)
-    stats = combine_stats(markers)
-    if window.sample_size is not None:
-        return _write_sample(pieces, markers, pre_dir, window, shard_windows, out_dir / "windows.jsonl", stats), stats
-    starts: list[dict[str, Any]] = []
-    counters: Counter = Counter()
-    n = 0
-    for p, m in zip(pieces, markers, strict=True):
-        for j, (offset, category) in enumerate(zip(m["offsets"], m["categories"], strict=True)):
-            if n % shard_windows == 0:
-                starts.append({"path": p.index, "offset": offset, "line": j + 1, "counters": dict(counters)})
-            counters[window.id_prefix.format(category=category)] += 1
-            n += 1
-    sources = [str(piece_files(pre_dir, p.index)[0]) for p in pieces]
-    return Plan(n, shard_windows, starts, sources, {}, [], kind="pieces", id_prefix=window.id_prefix), stats
-
-
-def _write_sample(pieces: list[Piece], markers: list[dict[str, Any]], pre_dir: Path, window: WindowConfig,
-                  shard_windows: int, out: Path, stats: dict[str, Any]) -> Plan:
-    """The reference's ``random.sample`` with seed 12, per category, into ``windows.jsonl``.
-
-    ``random.sample`` draws indices from the population size only, so sampling ``range(n)`` picks the same
-    windows, in the same order, as sampling the list of windows itself.
+    With ``wait`` (``stage=all``), return only when every piece is done: ``wait(ready)`` polls until all are
+    done or one becomes claimable (its claim went stale), which this rank then makes. ``tokenizer`` is loaded
+    only if there is a piece to make.
     """
-    refs: dict[str, list[tuple[int, int]]] = {}
-    for p, m in zip(pieces, markers, strict=True):
-        for offset, category in zip(m["offsets"], m["categories"], strict=True):
-            refs.setdefault(category, []).append((p.index, offset))
-    counters: Counter = Counter()
-    starts: list[dict[str, Any]] = []
-    stats["sampled_out"] = {}
-    handles: dict[int, Any] = {}
-    n = 0
-    try:
-        with atomic_writer(out, "wb") as f:
-            for category, where in refs.items():
-                k = window.sample_size or 0
-                picks = range(len(where)) if k >= len(where) else \
-                    random.Random(window.sample_seed).sample(range(len(where)), k)
-                stats["sampled_out"][category] = len(where) - len(picks)
-                for j in picks:
-                    piece, offset = where[j]
-                    src = handles.get(piece) or handles.setdefault(piece, open(piece_files(pre_dir, piece)[0], "rb"))
-                    src.seek(offset)
-                    rec = json.loads(src.readline())
-                    if n % shard_windows == 0:
-                        starts.append({"path": 0, "offset": f.tell(), "line": n + 1})
-                    f.write(window_line({"data_id": next_id(window.id_prefix, category, counters), **rec}))
-                    n += 1
-    finally:
-        for h in handles.values():
-            h.close()
-    return Plan(n, shard_windows, starts, [str(out)], {}, [], kind="windows")
+    mine = [p for p, r in zip(pieces, owner, strict=True) if r == rank]
+    order = mine + sorted((p for p, r in zip(pieces, owner, strict=True) if r != rank), key=lambda p: -p.index)
+    done_mine = sum(pieces_done(pre_dir, mine))
+    if done_mine == len(mine):
+        log.info("preprocess rank %d/%d: my %d pieces are done", rank, world, len(mine))
+    elif done_mine:
+        log.info("preprocess rank %d/%d: resuming, %d of my %d pieces already done", rank, world, done_mine,
+                 len(mine))
+    state: dict[str, Any] = {}
+    while True:
+        for p in order:
+            if not piece_files(pre_dir, p.index)[1].exists() and _claim(pre_dir, p.index, rank):
+                _make(p, mine, state, rank, world, data, window, tokenizer, pre_dir, log_every, on_report)
+        pending = [p for p in pieces if not piece_files(pre_dir, p.index)[1].exists()]
+        if wait is None or not pending:
+            break
+        wait(lambda pending=pending: all(pieces_done(pre_dir, pending))
+             or any(_claimable(pre_dir, p.index, rank) for p in pending))
+    if "progress" in state:
+        state["progress"].close()
 
 
-def iter_piece_shard(plan: Plan, shard: int) -> Iterator[dict[str, Any]]:
-    """The windows of one shard of a ``pieces`` plan, numbered as they are read."""
-    start = plan.starts[shard]
-    count = min(plan.shard_windows, plan.n_windows - shard * plan.shard_windows)
-    counters = Counter(start["counters"])
-    n = 0
-    for i in range(start["path"], len(plan.sources)):
-        with open(plan.sources[i], "rb") as f:
-            if i == start["path"]:
-                f.seek(start["offset"])
-            for raw in f:
-                rec = json.loads(raw)
-                yield {"data_id": next_id(plan.id_prefix, rec["category"], counters), **rec}
-                n += 1
-                if n == count:
-                    return
+def _make(p: Piece, mine: list[Piece], state: dict[str, Any], rank: int, world: int, data: DataConfig,
+          window: WindowConfig, tokenizer: Callable[[], Any], pre_dir: Path, log_every: int,
+          on_report: Callable[[dict[str, Any]], None] | None) -> None:
+    """Make one claimed piece: this rank's progress counts its own pending pieces, plus each one it helps with."""
+    if "progress" not in state:
+        done = pieces_done(pre_dir, mine)
+        state["tokenizer"] = tokenizer()
+        state["progress"] = Progress("preprocess", rank, world, total=sum(q.size for q in mine), unit="bytes",
+                                     done_before=sum(q.size for q, d in zip(mine, done, strict=True) if d),
+                                     log_every=log_every, snapshot_dir=pre_dir, on_report=on_report)
+    if p not in mine:
+        state["progress"].total += p.size
+        log.info("preprocess rank %d/%d: helping with piece %d", rank, world, p.index)
+    preprocess_piece(p, data, window, state["tokenizer"], pre_dir, rank, state["progress"])
+
+
+def remove_temporaries(pre_dir: Path) -> None:
+    """Half-written pieces of killed processes (called once nothing can be pre-processing any more)."""
+    for tmp in pre_dir.glob("piece-*.tmp"):
+        tmp.unlink(missing_ok=True)

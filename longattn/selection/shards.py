@@ -98,7 +98,8 @@ class Plan:
     """What reading the sources repaired or could not read (``InputNotes.to_dict``)."""
     kind: str = "windows"
     """``windows``: sources are window files with ids (user windows or a sampled ``windows.jsonl``);
-    ``pieces``: sources are pre-processing pieces, numbered while read (``id_prefix``, per-start ``counters``)."""
+    ``pieces``: sources are pre-processing pieces (paths relative to out_dir, so a run directory can move),
+    numbered while read (``id_prefix``, per-start ``counters``)."""
     id_prefix: str = ""
     """``window.id_prefix`` of a ``pieces`` plan."""
 
@@ -111,7 +112,10 @@ class Plan:
 
     @classmethod
     def load(cls, path: Path) -> Plan:
-        return cls(**json.loads(path.read_text()))
+        plan = cls(**json.loads(path.read_text()))
+        if plan.kind == "pieces":  # pieces are named relative to out_dir (plan.json is out_dir/shards/plan.json)
+            plan.sources = [str(path.parent.parent / s) for s in plan.sources]
+        return plan
 
 
 def build_plan(records: Iterator[tuple[int, InputRecord, int, bool]], sources: list[str], shard_windows: int,
