@@ -128,7 +128,7 @@ class ParallelConfig:
     sequence_parallel: bool = True
     """Sequence parallelism with TP > 1 on CUDA (layer norms and dropout split over the sequence)."""
     overlap_grad_reduce: bool = True
-    """Overlap the data-parallel gradient reduce with the backward pass (CUDA only)."""
+    """Overlap the data-parallel gradient reduce with the backward pass (reduced after the last micro-batch)."""
     overlap_param_gather: bool = True
     """Overlap the distributed optimizer's parameter all-gather with the next forward (CUDA only)."""
 

@@ -229,7 +229,7 @@ def build_optimizer(model: GPTModel, config: TransformerConfig, sched: Any, *, s
     """megatron DDP (grads reduced in fp32) + Adam (distributed on GPU) + LR scheduler; on CUDA the grad
     reduce overlaps the backward pass and the parameter all-gather the next forward."""
     dist_opt = parallel.distributed_optimizer and not ON_CPU  # DistributedOptimizer rejects CPU tensors
-    overlap_grad = parallel.overlap_grad_reduce and not ON_CPU
+    overlap_grad = parallel.overlap_grad_reduce  # also on CPU: gloo's async all-reduce runs the same code
     overlap_param = parallel.overlap_param_gather and dist_opt
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad, overlap_param_gather=overlap_param,
