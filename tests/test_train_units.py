@@ -268,24 +268,35 @@ def test_wandb_without_a_key_and_not_offline_is_refused_before_anything_runs(tmp
     cfg = _compose("model=tiny_llama", "data.selected=/s", "train.steps=1", "out_dir=/x", "wandb.enabled=true")
     home = {"HOME": str(tmp_path)}
     with pytest.raises(ConfigError, match="wandb.enabled"):
-        validate_environment(cfg, env=home, cuda=False)
-    validate_environment(cfg, env=home | {"WANDB_MODE": "offline"}, cuda=False)
-    validate_environment(cfg, env=home | {"WANDB_API_KEY": "k"}, cuda=False)
+        validate_environment(cfg, env=home, gpus=0)
+    validate_environment(cfg, env=home | {"WANDB_MODE": "offline"}, gpus=0)
+    validate_environment(cfg, env=home | {"WANDB_API_KEY": "k"}, gpus=0)
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")
-    validate_environment(cfg, env=home, cuda=False)  # `wandb login` keeps the key in ~/.netrc
+    validate_environment(cfg, env=home, gpus=0)  # `wandb login` keeps the key in ~/.netrc
 
 
 def test_cuda_without_transformer_engine_names_the_gpu_extra(caplog):
     cfg = _compose("model=tiny_llama", "data.selected=/s", "train.steps=1", "out_dir=/x", "train.seq_length=32768")
     with pytest.raises(ConfigError, match=r"longattn\[gpu\].*train\.transformer_impl=local"):
-        validate_environment(cfg, env={}, cuda=True, have_te=False)
-    validate_environment(cfg, env={}, cuda=True, have_te=True)
-    validate_environment(cfg, env={}, cuda=False, have_te=False)  # the CPU path uses the local spec
+        validate_environment(cfg, env={}, gpus=8, have_te=False)
+    validate_environment(cfg, env={}, gpus=8, have_te=True)
+    validate_environment(cfg, env={}, gpus=0, have_te=False)  # the CPU path uses the local spec
     cfg.train.transformer_impl = "local"
     with caplog.at_level(logging.WARNING):
-        validate_environment(cfg, env={}, cuda=True, have_te=False)
+        validate_environment(cfg, env={}, gpus=8, have_te=False)
     # 4 heads x 32768^2 fp32 scores and probabilities: 32 GiB per layer and micro-batch
     assert "32.0 GiB per layer" in caplog.text
+
+
+def test_launcher_is_checked_before_anything_runs(tmp_path, monkeypatch):
+    cfg = _compose("model=tiny_llama", "data.selected=/s", "train.steps=1", "out_dir=/x", "launcher=slurm",
+                   "launcher.submit=true")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(ConfigError, match="launcher.submit"):
+        validate_environment(cfg, env={}, gpus=0)
+    cfg = _compose("model=tiny_llama", "data.selected=/s", "train.steps=1", "out_dir=/x", "launcher.nproc_per_node=8")
+    with pytest.raises(ConfigError, match="launcher.nproc_per_node=8"):
+        validate_environment(cfg, env={}, gpus=4, have_te=True)
 
 
 @pytest.mark.parametrize("override,key", [("launcher.name=pbs", "launcher.name"), ("schedule.decay=step", "schedule.decay"),

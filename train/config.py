@@ -12,6 +12,7 @@ import logging
 import math
 import netrc
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,9 +362,10 @@ def local_attention_gib(cfg: TrainRunConfig, num_heads: int) -> float:
     return 2 * 4 * cfg.train.micro_batch_size * heads * s * s / 2**30
 
 
-def validate_environment(cfg: TrainRunConfig, *, env: dict[str, str] | None = None, cuda: bool | None = None,
+def validate_environment(cfg: TrainRunConfig, *, env: dict[str, str] | None = None, gpus: int | None = None,
                          have_te: bool | None = None) -> None:
-    """W&B credentials and the layer implementation on this machine (call before any side effect)."""
+    """W&B credentials, the launcher and the layer implementation on this machine (``gpus`` CUDA devices,
+    None = count them); call before any side effect."""
     import torch
 
     if cfg.wandb.enabled and not cfg.train.prepare_only:
@@ -372,7 +374,14 @@ def validate_environment(cfg: TrainRunConfig, *, env: dict[str, str] | None = No
         if wandb_credentials(env) is None:
             raise ConfigError("wandb.enabled=true but no W&B API key (WANDB_API_KEY, or `wandb login`'s netrc) "
                               "and WANDB_MODE is not offline: set one of them, or wandb.enabled=false")
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    lc = cfg.launcher
+    if lc.name == LauncherName.slurm and lc.submit and shutil.which("sbatch") is None:
+        raise ConfigError("launcher.submit=true but sbatch is not on PATH: run on a SLURM login node, or set "
+                          "launcher.submit=false to only write the scripts")
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    cuda = gpus > 0
+    if cuda and lc.name == LauncherName.local and lc.nproc_per_node > gpus:
+        raise ConfigError(f"launcher.nproc_per_node={lc.nproc_per_node} but this node has {gpus} GPUs")
     have_te = te_available() if have_te is None else have_te
     impl = cfg.train.transformer_impl
     if not cuda:
