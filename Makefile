@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/python -m pip
 TORCH ?= torch==2.13.0
 OUT ?= runs/demo
 
-.PHONY: install install-all demo test bench bench-baselines lint clean system-deps
+.PHONY: install install-all demo demo-select test bench bench-baselines lint clean system-deps
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,15 @@ $(VENV)/.all: $(VENV)/.base
 install: $(VENV)/.base
 install-all: $(VENV)/.all
 
-# The selection stage on the sample corpus with SmolLM2 at 2048 tokens (a few minutes on 2 CPU cores).
-demo: $(VENV)/.base
-	$(VENV)/bin/longattn-select data.paths=[data/sample_corpus.jsonl.gz] window.length=2048 out_dir=$(OUT)
+# The whole job on the sample corpus (a few minutes on 2 CPU cores): LongAttn, ProLong and Random selections
+# with SmolLM2-135M, the selection-quality probe, a tiny LLaMA trained on each selection, RULER, the tables.
+# W&B runs are written offline under $(OUT) (`wandb sync` them later).
+demo: $(VENV)/.all
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m longattn.cli.demo root=$(OUT)
+
+# The selection stage alone: LongAttn with SmolLM2 at 2048 tokens (about a minute on 2 CPU cores).
+demo-select: $(VENV)/.base
+	$(VENV)/bin/longattn-select data.paths=[data/sample_corpus.jsonl.gz] window.length=2048 out_dir=$(OUT)-select
 
 # Best effort: a real one-node SLURM cluster for the SLURM tests (root + Debian); they skip, saying why, otherwise.
 system-deps:

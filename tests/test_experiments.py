@@ -29,7 +29,8 @@ PAPER_CELLS = {
     "ablation_alpha": {("longattn8", t, a) for t in (3, 5) for a in (0.5, 1.0, 0.0)},
     "cost": {(m, 5, 0.5) for m in METHODS[1:]},
     "ds_var_stats": {("longattn70", 5, 0.5)},
-    "repro_tiny": {(m, 2.56e-6, 0.5) for m in ("random", "prolong", "longattn8")},
+    "repro_tiny": {(m, 2.56e-6, 0.5) for m in ("random", "prolong_smollm2", "longattn_smollm2")},
+    "demo": {(m, 1.024e-5, 0.5) for m in ("random", "prolong_smollm2", "longattn_smollm2")},  # make demo
 }
 
 

@@ -17,7 +17,7 @@ from slurm_cluster import missing_reason, slurm_cluster
 pytest.importorskip("megatron.core", reason="the train extra is not installed")
 pytest.importorskip("lm_eval", reason="the eval extra is not installed")
 
-METHODS = ["random", "prolong", "longattn8"]
+METHODS = ["random", "prolong_smollm2", "longattn_smollm2"]
 
 
 def sweep(root, env, slurm: bool) -> subprocess.CompletedProcess:
@@ -65,6 +65,17 @@ def test_repro_tiny_sweep_to_tables(tmp_path_factory):
                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert tab.returncode == 0, tab.stderr[-3000:]
     table1 = (out / "table1.md").read_text()
-    for label in ("Random", "ProLong", "LongAttn-8"):
+    for label in ("Random", "ProLong-135M", "LongAttn-135M"):
         assert label in table1
+    # Every method ranks: ProLong's sampled pairs fit the 512-token windows, so its scores are not all 0
+    # (the reference rule with 500 pairs gave a table of ties) and Table 10's rows have a range.
+    sel = Path(root, points[METHODS.index("prolong_smollm2")]["stages"][0]["out_dir"])
+    ds = [json.loads(x)["ds"] for x in (sel / "scores.jsonl").read_text().splitlines()]
+    assert len(set(ds)) > 1 and any(d > 0 for d in ds), ds
+    table10 = (out / "table10.csv").read_text().splitlines()
+    header = table10[0].split(",")
+    for line in table10[1:]:
+        row = dict(zip(header, line.split(","), strict=False))
+        if row["method"] in ("prolong", "longattn") and row["source"] != "paper Table 10":
+            assert float(row["min_ds"]) < float(row["max_ds"]), row
     assert (out / "table1.csv").exists() and (out / "table1.tex").exists() and (out / "table5.md").exists()
