@@ -65,10 +65,19 @@ class StepBatches:
 
 
 def _loss(loss_mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss over the micro-batch's trained tokens. With context parallelism each rank holds part of the
+    sequence: its sum is divided by the token count of the whole context-parallel group (megatron's schedule
+    then multiplies by the group size, and DDP averages over data x context ranks: the exact token mean)."""
     mask = loss_mask.float().view(-1)
-    loss = (per_token.float().view(-1) * mask).sum() / mask.sum().clamp(min=1)
-    # clone: the schedule divides the returned loss in place by the number of micro-batches
-    return loss, {"loss": loss.detach().clone()}
+    total, count = (per_token.float().view(-1) * mask).sum(), mask.sum()
+    cp = B.cp_size()
+    if cp > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count, group=B.cp_group())
+    loss = total / count.clamp(min=1)
+    # logged: averaged over data x context ranks, so scaled like the gradient (clone: the schedule scales the
+    # returned loss in place)
+    return loss, {"loss": (loss.detach() * cp).clone()}
 
 
 def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:

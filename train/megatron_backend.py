@@ -80,6 +80,14 @@ def loss_group() -> Any:
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
+def cp_size() -> int:
+    return parallel_state.get_context_parallel_world_size()
+
+
+def cp_group() -> Any:
+    return parallel_state.get_context_parallel_group()
+
+
 def tp_rank() -> int:
     return parallel_state.get_tensor_model_parallel_rank()
 
