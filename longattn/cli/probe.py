@@ -29,8 +29,7 @@ def to_schema(cfg: DictConfig) -> ProbeRunConfig:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="probe")
 def main(cfg: DictConfig) -> None:
     run_cfg = to_schema(cfg)
-    save_config(cfg, run_cfg.out_dir)
-    res = run_probe(run_cfg)
+    res = run_probe(run_cfg, on_checked=lambda: save_config(cfg, run_cfg.out_dir))
     print(f"\nAUROC (label 1 = genuine long document) — {run_cfg.out_dir}\n")
     print(markdown_table([res]))
     print("\n" + best_setting([res]))

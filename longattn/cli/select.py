@@ -21,8 +21,8 @@ def main(cfg: DictConfig) -> None:
     from longattn.selection.summary import print_summary
 
     run_cfg = to_schema(cfg)
-    save_config(cfg, run_cfg.out_dir)
-    result = run_select(run_cfg)
+    # config.yaml is written once out_dir is locked and its fingerprints checked: a refused rerun keeps it.
+    result = run_select(run_cfg, on_checked=lambda: save_config(cfg, run_cfg.out_dir))
     if result.metrics is not None:
         print_summary(result)
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+
+from longattn.common.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -28,9 +32,33 @@ if not OmegaConf.has_resolver("billions"):
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of a typed node that its dataclass does not declare, each with the closest declared key.
+
+    Hydra lets ``+key=value`` add a key to any node, and OmegaConf keeps it through ``to_object``: a typo such
+    as ``+select.fracton=0.3`` would be accepted, saved and ignored.
+    """
+    out: list[str] = []
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        names = [f.name for f in dataclasses.fields(schema)]
+        for k in cfg.keys():
+            if k not in names:
+                near = difflib.get_close_matches(str(k), names, n=1)
+                out.append(f"{prefix}{k}" + (f" (did you mean {prefix}{near[0]}?)" if near else ""))
+    for k in cfg.keys():
+        child = cfg._get_node(k)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            out += unknown_keys(child, f"{prefix}{k}.")
+    return out
+
+
 def to_dataclass(schema: type[T], cfg: DictConfig, validate: Callable[[T], Any] | None = None) -> T:
-    """Merge the composed YAML into the typed schema (type errors name the key), then validate it."""
+    """Merge the composed YAML into the typed schema (type errors name the key), refuse keys the schema does
+    not declare, then validate it."""
     merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    if unknown := unknown_keys(merged):
+        raise ConfigError(f"unknown config key{'s' * (len(unknown) > 1)}: {', '.join(unknown)}")
     obj: T = OmegaConf.to_object(merged)  # type: ignore[assignment]
     if validate is not None:
         validate(obj)

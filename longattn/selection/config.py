@@ -13,12 +13,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from longattn.common.errors import Choice, ConfigError
+from longattn.common.io import expand_inputs
 from longattn.common.models import ModelConfig, ModelSource
 from longattn.common.tracking import WandbConfig
 from longattn.selection.dataset import DatasetConfig
+from longattn.selection.records import OnError, read_category
 from longattn.selection.shards import ShardConfig
 
-__all__ = ["ConfigError", "ModelConfig", "DataConfig", "WindowConfig", "ScorerConfig", "SelectConfig", "Normalize",
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "OnError", "OnChange", "WindowConfig", "ScorerConfig", "SelectConfig", "Normalize",
            "ReportConfig", "SelectRunConfig", "validate", "register_configs"]
 
 
@@ -29,18 +31,33 @@ class Normalize(Choice):
     """Min-max to [0, 1], all-equal values -> 0.5 (the reference code)."""
 
 
+class OnChange(Choice):
+    refuse = "refuse"
+    """Stop, naming the changed input files (keep the outputs made from the old content)."""
+    redo = "redo"
+    """Delete the outputs made from the old content and redo the run from scratch."""
+
+
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)
-    """Input files: ``.jsonl``, ``.jsonl.gz``, ``.json`` (JSON Lines, or ``key<TAB>{json}`` lines) or ``.parquet``."""
+    """Input files: ``.jsonl``, ``.jsonl.gz``, ``.json`` (JSON Lines, or ``key<TAB>{json}`` lines) or ``.parquet``;
+    gzip is recognised by content. A directory stands for the input files under it (recursive, sorted)."""
     text_key: str = "content"
     """Record field holding the document text (``text`` is also accepted when this one is absent)."""
     category: str = "default"
-    """Category of records that carry no ``category`` field (the paper: arxiv, book, code)."""
+    """Category of records that carry no ``category`` field (the paper: arxiv, book, code). Categories are
+    stripped and lower-cased, integers become their digits; any other type makes the record malformed."""
     preprocessed: bool = False
     """Inputs are already windows in the reference format (``content``, ``data_id``): skip pre-processing."""
     id_key: str = "id"
     """Record field used as the source document id (falls back to ``file:line``)."""
+    on_error: OnError = OnError.skip
+    """A damaged input file (truncated gzip, corrupt Parquet): ``skip`` keeps the records before the damage and
+    counts the rest as ``unreadable``; ``fail`` stops the run naming the file and line."""
+    on_change: OnChange = OnChange.refuse
+    """A rerun finds an input whose content changed since its outputs were made: ``refuse`` (naming the file)
+    or ``redo`` (delete those outputs and start again)."""
 
 
 @dataclass
@@ -135,9 +152,11 @@ def validate(cfg: SelectRunConfig) -> None:
     if cfg.model.source == ModelSource.hf and not os.path.isdir(os.path.expanduser(cfg.model.path)):
         raise ConfigError(f"model.path={cfg.model.path}: not a directory (a HF model directory with config.json, "
                           "tokenizer files and safetensors)")
-    for p in cfg.data.paths:
-        if not os.path.exists(p):
-            raise ConfigError(f"data.paths: {p} does not exist")
+    cfg.data.paths = expand_inputs(cfg.data.paths)
+    category, why = read_category(cfg.data.category, "")
+    if not category:
+        raise ConfigError(f"data.category={cfg.data.category!r}: {why or 'must not be blank'}")
+    cfg.data.category = category
     if cfg.model.source == ModelSource.random and not cfg.model.tokenizer:
         raise ConfigError(f"model={cfg.model.name} (random) needs model.tokenizer=DIR_OR_GGUF")
     cfg.shard.validate()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from longattn.common.io import atomic_writer, read_jsonl
+from longattn.common.memory import peak_rss_mb
 from longattn.selection.config import SelectRunConfig
 from longattn.selection.lds import keep_mask, lds_scores, threshold
 from longattn.selection.shards import Plan
@@ -169,7 +169,7 @@ def _metrics(cfg: SelectRunConfig, pre: dict[str, Any], plan: Plan, sel: dict[st
         "skipped_documents": pre.get("skipped", {}),
     }
     sec = timing["score_seconds"]
-    rss_here = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_here = peak_rss_mb()  # this process and its children (tokeniser workers)
     return {
         "model": cfg.model.name, "scorer": cfg.scorer.name, "window_length": cfg.window.length,
         "normalize": cfg.select.normalize, "alpha": cfg.select.alpha,

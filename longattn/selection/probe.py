@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from longattn.common.errors import Choice, ConfigError
-from longattn.common.io import atomic_writer, iter_records, read_jsonl, write_json
+from longattn.common.io import atomic_writer, expand_inputs, iter_records, read_jsonl, write_json
 from longattn.common.models import ModelConfig
 from longattn.selection.config import (
     DataConfig,
@@ -35,6 +35,7 @@ from longattn.selection.config import (
 )
 from longattn.selection.config import register_configs as register_select_configs
 from longattn.selection.lds import lds_scores
+from longattn.selection.records import InputNotes, OnError
 
 log = logging.getLogger("longattn.selection.probe")
 
@@ -104,6 +105,7 @@ class ProbeRunConfig:
 def validate(cfg: ProbeRunConfig) -> None:
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty: give labelled records, e.g. data.paths=[data/sample_corpus.jsonl.gz]")
+    cfg.data.paths = expand_inputs(cfg.data.paths)
     if cfg.build.group < 2:
         raise ConfigError(f"build.group={cfg.build.group} must be >= 2")
     cfg.scorer.validate(cfg.window.length)
@@ -188,7 +190,9 @@ def _shuffled(docs: list[str], cat: str, cfg: BuildConfig) -> Iterator[dict[str,
 
 # --- the run ----------------------------------------------------------------------------------------
 def _labelled(cfg: ProbeRunConfig) -> Iterator[dict[str, Any]]:
-    recs = (rec.record for rec in iter_records(list(cfg.data.paths)) if rec.record is not None)
+    notes = InputNotes()  # logs damaged files and counts repairs; unusable records are left out of the probe
+    recs = (rec.record for rec in iter_records(list(cfg.data.paths))
+            if notes.read(rec, OnError.skip) is None and rec.record is not None)
     if cfg.build.negatives:
         yield from build_labelled(recs, cfg.build, cfg.data.text_key)
     else:
@@ -216,20 +220,47 @@ def write_probe_input(cfg: ProbeRunConfig, path: Path) -> int:
     return n
 
 
-def run_probe(cfg: ProbeRunConfig) -> dict[str, Any]:
-    """Score the labelled set (resumable) and write ``probe.json``, ``probe.md`` and ``probe.png``."""
+def run_probe(cfg: ProbeRunConfig, on_checked: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Score the labelled set (resumable) and write ``probe.json``, ``probe.md`` and ``probe.png``.
+
+    ``on_checked`` runs once ``out_dir`` is locked and its fingerprints match (the entry point saves
+    ``config.yaml`` there, so a refused rerun leaves it untouched)."""
+    from longattn.common.lock import OutDirLock
+
+    with OutDirLock(cfg.out_dir):
+        return _run_probe(cfg, on_checked)
+
+
+def _probe_input(cfg: ProbeRunConfig, out: Path, on_checked: Callable[[], None] | None) -> Path:
+    """``probe_input.jsonl``, kept between runs (its data_ids key the resumable scoring run): refused when it
+    was made from other settings or other input content."""
     from dataclasses import asdict
 
-    from longattn.selection.run import check_fingerprint, run_select
+    from longattn.selection.fingerprints import InputsFingerprint, ResumeRefused, check_fingerprint
+
+    inp = out / "probe_input.jsonl"
+    fields = {**{f"data.{k}": v for k, v in asdict(cfg.data).items() if k != "paths"},
+              **{f"build.{k}": v for k, v in asdict(cfg.build).items()}}
+    check_fingerprint(out, "probe_input", fields, write=False)
+    inputs = InputsFingerprint(out / "probe_input.inputs.json", list(cfg.data.paths))
+    if inp.exists() and (changes := inputs.changes()):
+        raise ResumeRefused(f"{inp} was made from other input content ({'; '.join(changes)}): use a new out_dir, "
+                            f"or delete {inp} and {out / 'select'} to redo it")
+    if on_checked is not None:
+        on_checked()
+    check_fingerprint(out, "probe_input", fields)
+    if not inp.exists():
+        inputs.record()
+        write_probe_input(cfg, inp)
+        inputs.complete()
+    return inp
+
+
+def _run_probe(cfg: ProbeRunConfig, on_checked: Callable[[], None] | None) -> dict[str, Any]:
+    from longattn.selection.run import run_select
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    inp = out / "probe_input.jsonl"
-    # Kept between runs (its data_ids key the resumable scoring run), so refuse one made from other data.
-    check_fingerprint(out, "probe_input", {**{f"data.{k}": v for k, v in asdict(cfg.data).items()},
-                                           **{f"build.{k}": v for k, v in asdict(cfg.build).items()}})
-    if not inp.exists():
-        write_probe_input(cfg, inp)
+    inp = _probe_input(cfg, out, on_checked)
     labels = {r["data_id"]: r["label"] for r in read_jsonl(inp)}
     sel_cfg = SelectRunConfig(
         data=DataConfig(paths=[str(inp)], preprocessed=True), window=cfg.window, model=cfg.model,

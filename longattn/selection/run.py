@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,12 +21,16 @@ from tqdm import tqdm
 
 from longattn.common.distributed import resolve_rank
 from longattn.common.io import JsonlAppender, write_json
+from longattn.common.lock import OutDirLock
+from longattn.common.memory import peak_rss_mb, track_peak_memory
 from longattn.selection.config import SelectRunConfig
 from longattn.selection.dataset import write_dataset
+from longattn.selection.fingerprints import check_fingerprint, open_run
 from longattn.selection.merge import merge_outputs, shard_path
 from longattn.selection.scorers import Scorer
 from longattn.selection.shards import MergeMode, Plan, my_shards
 from longattn.selection.sources import iter_shard, plan_windows
+from longattn.selection.summary import input_report
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +48,29 @@ class SelectResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
-def run_select(cfg: SelectRunConfig) -> SelectResult:
-    """Run (or resume) the selection stage into ``cfg.out_dir`` as this process's rank."""
+def run_select(cfg: SelectRunConfig, on_checked: Callable[[], None] | None = None) -> SelectResult:
+    """Run (or resume) the selection stage into ``cfg.out_dir`` as this process's rank.
+
+    ``out_dir`` is locked for this job (``longattn.common.lock``) and checked against the config and input
+    content its outputs were made from (``longattn.selection.fingerprints``) before anything is written;
+    ``on_checked`` runs then (the entry point saves ``config.yaml``).
+    """
+    rank, world = resolve_rank(cfg.shard.rank, cfg.shard.world_size)
+    with OutDirLock(cfg.out_dir, rank, world), track_peak_memory():
+        return _run_select(cfg, rank, world, on_checked)
+
+
+def _run_select(cfg: SelectRunConfig, rank: int, world: int, on_checked: Callable[[], None] | None) -> SelectResult:
     out_dir = Path(cfg.out_dir)
     shards_dir = out_dir / "shards"
+    guard = open_run(cfg, out_dir, rank, on_checked)
     shards_dir.mkdir(parents=True, exist_ok=True)
-    rank, world = resolve_rank(cfg.shard.rank, cfg.shard.world_size)
-    _fingerprints(cfg, out_dir)
     plan_path = shards_dir / "plan.json"
     if rank == 0:
         _preprocess_once(cfg, out_dir)
         if not plan_path.exists():
             plan_windows(cfg.data, out_dir, cfg.shard.windows).save(plan_path)
+        guard.inputs_read()
     else:
         cfg.shard.wait(plan_path.exists, f"rank 0 to plan the shards ({plan_path})")
     plan = Plan.load(plan_path)
@@ -69,8 +83,10 @@ def run_select(cfg: SelectRunConfig) -> SelectResult:
     if cfg.shard.merge == MergeMode.only and missing():
         raise RuntimeError(f"shard.merge=only but shards {missing()[:20]} of {plan.n_shards} are not scored yet")
     cfg.shard.wait(lambda: not missing(), "the other ranks' shards")
+    guard.check_unchanged()
     pre = _preprocess_stats(cfg, out_dir)
     metrics = merge_outputs(cfg, plan, out_dir, shards_dir, pre)
+    metrics.update(input_report(cfg, pre, plan, metrics))
     write_json(out_dir / "metrics.json", metrics)
     if cfg.dataset.enabled:  # the kept windows as Parquet + a dataset card (longattn.selection.dataset)
         write_dataset(cfg, out_dir, metrics)
@@ -142,7 +158,7 @@ def _score_shards(cfg: SelectRunConfig, plan: Plan, shards_dir: Path, rank: int,
 def _record_rank(shards_dir: Path, rank: int, scorer: Scorer) -> None:
     write_json(shards_dir / f"rank-{rank:05d}.json", {
         "load_seconds": scorer.load_seconds, "device": scorer.device,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        "peak_rss_mb": peak_rss_mb()})
 
 
 def _batches(windows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -187,32 +203,3 @@ def _score_shard(cfg: SelectRunConfig, plan: Plan, shard: int, shards_dir: Path,
         bar.update(len(rows))
     journal.close()
     os.replace(journal.path, shard_path(shards_dir, shard))
-
-
-# --- resume safety ------------------------------------------------------------------------------------
-def check_fingerprint(out_dir: Path, name: str, fields: dict[str, Any]) -> None:
-    """Refuse to resume from outputs made with a different config (they would be silently mixed)."""
-    path = out_dir / f"{name}.fingerprint.json"
-    fields = json.loads(json.dumps(fields, default=str))
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in fields.items() if old.get(k) != v]
-        if diff:
-            raise RuntimeError(
-                f"out_dir={out_dir} holds {name} outputs made with another config ({'; '.join(diff)}): "
-                f"use a new out_dir, or delete {path.parent / name}* to redo them")
-    else:
-        write_json(path, fields)
-
-
-def _fingerprints(cfg: SelectRunConfig, out_dir: Path) -> None:
-    data = {"data.paths": list(cfg.data.paths), "data.preprocessed": cfg.data.preprocessed,
-            "data.text_key": cfg.data.text_key, "data.category": cfg.data.category}
-    window = {f"window.{k}": v for k, v in asdict(cfg.window).items() if k not in ("workers", "batch_docs")}
-    model = {f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "device"}
-    scorer = {f"scorer.{k}": v for k, v in asdict(cfg.scorer).items() if k not in ("batch_size", "backend")}
-    if not cfg.data.preprocessed:
-        check_fingerprint(out_dir, "windows", {**data, **window, "tokenizer": model["model.tokenizer"] or
-                                               model["model.path"] or model["model.gguf_file"]})
-    check_fingerprint(out_dir, "scores", {**data, "window.length": cfg.window.length,
-                                          "shard.windows": cfg.shard.windows, **model, **scorer})

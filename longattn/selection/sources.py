@@ -10,6 +10,7 @@ from typing import Any
 
 from longattn.common.io import InputRecord, iter_file
 from longattn.selection.config import DataConfig
+from longattn.selection.records import InputNotes
 from longattn.selection.shards import Plan, build_plan
 
 log = logging.getLogger(__name__)
@@ -22,27 +23,41 @@ def window_sources(data: DataConfig, out_dir: Path) -> list[str]:
     return [str(p) for p in data.paths] if data.preprocessed else [str(out_dir / "windows.jsonl")]
 
 
-def check_window(rec: InputRecord, data: DataConfig, *, warn: bool = False) -> tuple[dict[str, Any] | None, str | None]:
-    """(window, None) for a scorable window, else (None, skip reason); warnings name file and line."""
+def check_window(rec: InputRecord, data: DataConfig, *, warn: bool = False,
+                 notes: InputNotes | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """(window, None) for a scorable window, else (None, skip reason); warnings name file and line.
+
+    ``notes`` (given by the planning pass, which reads every record once) counts repairs, the category
+    mapping and damaged files, and applies ``data.on_error``; later passes give the same verdicts silently.
+    """
+    if notes is not None:
+        notes.read(rec, data.on_error)
+    if rec.unreadable:
+        return None, "unreadable"
     r = rec.record
     text = None if r is None else r.get(data.text_key, r.get("text"))
     if r is None or not isinstance(text, str) or not r.get("data_id"):
-        why = rec.error or f"needs a string {data.text_key!r} and a 'data_id'"
-        if warn:
-            log.warning("skipping malformed window %s: %s", rec.where, why)
-        return None, "malformed"
+        return _malformed(rec, rec.error or f"needs a string {data.text_key!r} and a 'data_id'", warn)
     if not text.strip():
         return None, "empty"
-    return {**r, "data_id": str(r["data_id"]), "content": text,
-            "category": str(r.get("category") or data.category)}, None
+    category, why = (notes or InputNotes()).category(rec, data.category)
+    if category is None:
+        return _malformed(rec, why or "", warn)
+    return {**r, "data_id": str(r["data_id"]), "content": text, "category": category}, None
 
 
-def _scan(sources: list[str], data: DataConfig, skipped: Counter,
-          skip_lines: list[list[Any]]) -> Iterator[tuple[int, InputRecord, int, bool]]:
+def _malformed(rec: InputRecord, why: str, warn: bool) -> tuple[None, str]:
+    if warn:
+        log.warning("skipping malformed window %s: %s", rec.where, why)
+    return None, "malformed"
+
+
+def _scan(sources: list[str], data: DataConfig, skipped: Counter, skip_lines: list[list[Any]],
+          notes: InputNotes) -> Iterator[tuple[int, InputRecord, int, bool]]:
     seen: set[str] = set()
     for i, path in enumerate(sources):
         for rec, offset in iter_file(path):
-            window, reason = check_window(rec, data, warn=True)
+            window, reason = check_window(rec, data, warn=True, notes=notes)
             if window is not None and window["data_id"] in seen:
                 log.warning("skipping duplicate data_id %s at %s", window["data_id"], rec.where)
                 window, reason = None, "duplicate_id"
@@ -52,6 +67,7 @@ def _scan(sources: list[str], data: DataConfig, skipped: Counter,
             else:
                 seen.add(window["data_id"])
             yield i, rec, offset, window is not None
+    notes.log_summary()
 
 
 def plan_windows(data: DataConfig, out_dir: Path, shard_windows: int) -> Plan:
@@ -59,7 +75,10 @@ def plan_windows(data: DataConfig, out_dir: Path, shard_windows: int) -> Plan:
     sources = window_sources(data, out_dir)
     skipped: Counter = Counter()
     skip_lines: list[list[Any]] = []
-    return build_plan(_scan(sources, data, skipped, skip_lines), sources, shard_windows, skipped, skip_lines)
+    notes = InputNotes()
+    plan = build_plan(_scan(sources, data, skipped, skip_lines, notes), sources, shard_windows, skipped, skip_lines)
+    plan.notes = notes.to_dict()
+    return plan
 
 
 def iter_shard(plan: Plan, shard: int, data: DataConfig) -> Iterator[dict[str, Any]]:

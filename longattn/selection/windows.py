@@ -16,6 +16,7 @@ from typing import Any
 
 from longattn.common.io import InputRecord, atomic_writer, iter_records
 from longattn.selection.config import DataConfig, WindowConfig
+from longattn.selection.records import InputNotes
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ class PreprocessStats:
     """Per-reason document counters and per-category window/token counts."""
 
     documents: int = 0
+    """Records read, plus one for the unread rest of each damaged file."""
     skipped: Counter = field(default_factory=Counter)
-    """reason -> documents: malformed, empty, too_short (n < W), exact_window (n == W, yields nothing)."""
+    """reason -> documents: malformed, empty, too_short (n < W), exact_window (n == W, yields nothing),
+    unreadable (the unread rest of a damaged file, one per file)."""
     windows: Counter = field(default_factory=Counter)
     tokens_in: Counter = field(default_factory=Counter)
     """category -> tokens of all readable documents."""
@@ -71,6 +74,8 @@ class PreprocessStats:
     """category -> windows dropped by window.sample_size."""
     errors: list[str] = field(default_factory=list)
     """First malformed lines (file:line: why), for the log."""
+    notes: InputNotes = field(default_factory=InputNotes)
+    """Decode errors, byte order marks, category mapping and damaged files met while reading."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,11 +86,16 @@ class PreprocessStats:
             "tokens_windows": dict(self.tokens_windows),
             "sampled_out": dict(self.sampled_out),
             "errors": self.errors[:20],
+            **self.notes.to_dict(),
         }
 
 
 def _to_document(rec: InputRecord, cfg: DataConfig, stats: PreprocessStats) -> Document | None:
     stats.documents += 1
+    stats.notes.read(rec, cfg.on_error)
+    if rec.unreadable:
+        stats.skipped["unreadable"] += 1
+        return None
     if rec.record is None:
         return _malformed(stats, f"{rec.where}: {rec.error}")
     text = rec.record.get(cfg.text_key, rec.record.get("text"))
@@ -96,7 +106,9 @@ def _to_document(rec: InputRecord, cfg: DataConfig, stats: PreprocessStats) -> D
     if not text.strip():
         stats.skipped["empty"] += 1
         return None
-    category = str(rec.record.get("category") or cfg.category)
+    category, why = stats.notes.category(rec, cfg.category)
+    if category is None:
+        return _malformed(stats, f"{rec.where}: {why}")
     source_id = str(rec.record.get(cfg.id_key, rec.where))
     return Document(text, category, source_id)
 
@@ -115,6 +127,7 @@ def documents(cfg: DataConfig, stats: PreprocessStats) -> Iterator[Document]:
         doc = _to_document(rec, cfg, stats)
         if doc is not None:
             yield doc
+    stats.notes.log_summary()
 
 
 # --- tokenisation workers -------------------------------------------------------------------------
