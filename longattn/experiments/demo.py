@@ -41,12 +41,17 @@ PROGRESS = re.compile(r"\]\[(longattn\.experiments\.pipeline|longattn\.selection
                       r"eval\.prepare|eval\.run)\]\[\w+\] - |^scored \d+ windows")
 """Lines of a point's log echoed to the console (the whole log is in ``root/logs/<point>.log``)."""
 
-REAL_VS_PLUMBING = (
-    "Real at this scale: the probe AUROC (SmolLM2-135M scores of genuine vs concatenated documents; "
-    "n windows per category, so a chance AUROC has a standard deviation of about 0.13-0.15) and the cost per "
-    "window and its ratio to LongAttn (measured in this run, on this machine). Plumbing: the RULER NIAH "
-    "scores (a 64-wide random tiny LLaMA trained for a few steps retrieves nothing; they show that the "
-    "trained model loads and is evaluated, not that one selection trains better than another).")
+def real_vs_plumbing(windows_per_category: float) -> str:
+    """What the demo's numbers mean at this scale (printed under the tables and in the README)."""
+    n = max(windows_per_category, 2.0)
+    sd = ((n + 1) / (3 * n * n)) ** 0.5  # a chance AUROC with n/2 windows of each label (Mann-Whitney)
+    return (
+        f"Real at this scale: the probe AUROC (the scores of the same windows, labelled by their source "
+        f"document; with {n:g} windows per category a chance AUROC has a standard deviation of about {sd:.2f}) "
+        "and the cost per window and its ratio to LongAttn (measured in this run, each selection alone, on "
+        "this machine: other load changes them). Plumbing: the RULER NIAH scores (a 64-wide random tiny LLaMA "
+        "trained for a few steps retrieves nothing; they show that each trained model is exported, loaded and "
+        "evaluated, not that one selection trains better than another).")
 
 
 @dataclass
@@ -234,39 +239,46 @@ def plot_demo(rows: list[dict[str, Any]], probes: list[dict[str, Any]], losses: 
     import numpy as np
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    colour = {r["label"]: f"C{i}" for i, r in enumerate(rows)}
     cats = sorted({k for p in probes for k in p["results"][0]["categories"]}) + ["overall"]
     width = 0.8 / max(1, len(probes))
-    for i, p in enumerate(probes):
+    for i, (r, p) in enumerate(zip(rows, probes, strict=True)):
         e = p["results"][0]
         vals = [e["categories"].get(k, np.nan) for k in cats[:-1]] + [e["overall"]]
-        a.bar(np.arange(len(cats)) + i * width, vals, width, label=p["tag"])
+        a.bar(np.arange(len(cats)) + i * width, vals, width, label=r["label"], color=colour[r["label"]])
     a.axhline(0.5, color="gray", linestyle="--", linewidth=1)
     a.set_xticks(np.arange(len(cats)) + width * (len(probes) - 1) / 2, cats)
     a.set_ylim(0, 1)
-    a.set_title("probe AUROC (real): genuine vs concatenated")
+    a.set_ylabel("AUROC (0.5 = chance)")
+    a.set_title(f"probe (real): genuine vs concatenated, {probes[0]['results'][0]['n'] if probes else 0} windows")
     a.legend(fontsize=8)
-    labels = [r["label"] for r in rows]
-    b.bar(labels, [r["seconds_per_window"] or 0 for r in rows], color="tab:orange")
+    spw = [r["seconds_per_window"] or 0 for r in rows]
+    bars = b.bar([r["label"] for r in rows], spw, color=[colour[r["label"]] for r in rows])
+    b.bar_label(bars, [f"{x:.2g} s" for x in spw], fontsize=8)
     b.set_yscale("log")
     b.set_ylabel("seconds per window (log)")
     b.set_title(f"selection cost per {rows[0]['window_length'] if rows else ''}-token window (real)")
-    for label, pts in losses.items():
-        c.plot([s for s, _ in pts], [x for _, x in pts], marker="o", label=label)
+    for r in rows:
+        pts = losses.get(r["label"], [])
+        niah = "–" if r["niah"] is None else f"{100 * r['niah']:.0f}%"
+        c.plot([s for s, _ in pts], [x for _, x in pts], marker="o", color=colour[r["label"]],
+               label=f"{r['label']} (RULER-NIAH {niah})")
+    c.xaxis.get_major_locator().set_params(integer=True)
     c.set_xlabel("step")
     c.set_ylabel("training loss")
-    c.set_title("tiny LLaMA, ABF (plumbing)")
+    c.set_title("tiny LLaMA with ABF on each selection (plumbing)")
     c.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_tables(tables: dict[str, T.Table], out: Path) -> str:
+def write_tables(tables: dict[str, T.Table], out: Path, verdict: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     for name, t in tables.items():
         (out / f"{name}.md").write_text(T.to_markdown(t), encoding="utf-8")
         (out / f"{name}.csv").write_text(T.to_csv(t), encoding="utf-8")
-    text = "\n".join(T.to_markdown(t) for t in tables.values()) + f"\n{REAL_VS_PLUMBING}\n\n![demo](demo.png)\n"
+    text = "\n".join(T.to_markdown(t) for t in tables.values()) + f"\n{verdict}\n\n![demo](demo.png)\n"
     (out / "tables.md").write_text(text, encoding="utf-8")
     return text
 
@@ -319,7 +331,8 @@ def run_demo(cfg: DemoConfig) -> str:
     out = Path(cfg.root) / "tables"
     out.mkdir(parents=True, exist_ok=True)
     plot_demo(rows, probes, losses, out / "demo.png")
-    text = write_tables(tables, out)
+    n_cat = probes[0]["results"][0]["n"] / max(1, len(probes[0]["results"][0]["categories"])) if probes else 0
+    text = write_tables(tables, out, real_vs_plumbing(n_cat))
     _log_wandb(cfg, out, "tables", {"demo/seconds": time.perf_counter() - t0}, tables, out / "demo.png")
     print(f"\n[{time.perf_counter() - t0:6.0f}s] demo done: tables and figure in {out}; "
           f"datasets in {cfg.root}/select-*/dataset; W&B offline runs under {cfg.root} (group "
