@@ -56,6 +56,9 @@ class DatasetConfig:
     """Create the Hub repository private (only when it does not exist yet)."""
     tags: list[str] = field(default_factory=lambda: ["long-context", "data-selection"])
     """Tags of the card (the scorer's name is added)."""
+    license_key: str | None = "license"
+    """Field of the input records with their licence, carried into the card and a ``license`` column (the
+    windows do not carry it, so the input files are read once more); null = no licence, no extra pass."""
 
 
 # --- pure helpers ---------------------------------------------------------------------------------------
@@ -119,15 +122,17 @@ class _Stats:
 
 # --- reading the run ------------------------------------------------------------------------------------
 def _licenses(cfg: SelectRunConfig) -> dict[str, str]:
-    """source id (and ``file:line``, and ``data_id`` for window inputs) -> the input record's ``license``."""
+    """source id (and ``file:line``, and ``data_id`` for window inputs) -> the input record's licence
+    (``dataset.license_key``), from one more pass over the input files; {} when the key is null."""
+    key = cfg.dataset.license_key
     out: dict[str, str] = {}
-    for rec in iter_records(list(cfg.data.paths)):
+    for rec in iter_records(list(cfg.data.paths) if key else []):
         r = rec.record
-        if not r or not isinstance(r.get("license"), str):
+        if not r or not isinstance(r.get(key), str):
             continue
-        for key in (r.get(cfg.data.id_key), r.get("data_id"), rec.where):
-            if key is not None:
-                out[str(key)] = r["license"]
+        # the key a window names its document by: source_id = the id field, else file:line (data_id: window inputs)
+        k = r.get(cfg.data.id_key) if r.get(cfg.data.id_key) is not None else (r.get("data_id") or rec.where)
+        out[str(k)] = sys.intern(r[key])  # one string per distinct licence
     return out
 
 
