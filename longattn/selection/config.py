@@ -18,9 +18,9 @@ from longattn.common.models import ModelConfig, ModelSource
 from longattn.common.tracking import WandbConfig
 from longattn.selection.dataset import DatasetConfig
 from longattn.selection.records import OnError, read_category
-from longattn.selection.shards import ShardConfig
+from longattn.selection.shards import ShardConfig, Stage
 
-__all__ = ["ConfigError", "ModelConfig", "DataConfig", "OnError", "OnChange", "WindowConfig", "ScorerConfig", "SelectConfig", "Normalize",
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "OnError", "OnChange", "WindowConfig", "ScorerConfig", "SelectConfig", "Normalize", "Overlap",
            "ReportConfig", "SelectRunConfig", "validate", "register_configs"]
 
 
@@ -29,6 +29,14 @@ class Normalize(Choice):
     """Z-score over the scored set, sample std (the paper)."""
     minmax = "minmax"
     """Min-max to [0, 1], all-equal values -> 0.5 (the reference code)."""
+
+
+class Overlap(Choice):
+    allow = "allow"
+    """Windows are ranked alone, overlapping windows of one document may both be kept (the reference)."""
+    drop = "drop"
+    """Never keep two windows of one document whose token ranges overlap: the better one is kept and the
+    next-best window takes the freed budget."""
 
 
 class OnChange(Choice):
@@ -101,6 +109,9 @@ class SelectConfig:
     """Weight of the uniformity term: LDS = norm(DS) - alpha * norm(Var). Table 4: 1.0 and 0 (w/o DU)."""
     write_rejected: bool = True
     """Also write ``rejected.jsonl`` (windows not kept, with their scores)."""
+    overlap: Overlap = Overlap.allow
+    """``allow`` (the reference: Algorithm 1's overlapping windows compete alone) or ``drop`` (docs/method.md
+    §1: at most one of any overlapping pair of one document, by LDS). metrics.json reports duplicated tokens."""
 
 
 @dataclass
@@ -127,8 +138,11 @@ class SelectRunConfig:
     """W&B logging of the merged run: counts, per-category statistics, score histograms, the selected set."""
     out_dir: str = "runs/select"
     """Run directory: every output goes here; a rerun with the same out_dir resumes."""
-    log_every: int = 10
-    """Windows between progress lines."""
+    stage: Stage = Stage.all
+    """``all``: pre-process, score and merge; ``preprocess``: only pre-process this rank's pieces (a CPU job
+    array), so that the scoring jobs start on prepared windows."""
+    log_every: int = 1000
+    """Windows between progress lines of a rank (and at least one line a minute)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form tags recorded in metrics.json (experiment name, W&B group...)."""
 
@@ -162,6 +176,10 @@ def validate(cfg: SelectRunConfig) -> None:
     cfg.shard.validate()
     if cfg.dataset.shard_rows < 1:
         raise ConfigError(f"dataset.shard_rows={cfg.dataset.shard_rows} must be >= 1")
+    if cfg.log_every < 1:
+        raise ConfigError(f"log_every={cfg.log_every} must be >= 1")
+    if cfg.stage == Stage.preprocess and cfg.data.preprocessed:
+        raise ConfigError("stage=preprocess has nothing to do with data.preprocessed=true (the inputs are windows)")
     if cfg.window.workers < 1:
         raise ConfigError(f"window.workers={cfg.window.workers} must be >= 1")
 

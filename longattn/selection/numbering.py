@@ -118,6 +118,10 @@ def _write_sample(pieces: list[Piece], markers: list[dict[str, Any]], pre_dir: P
                 stats["sampled_out"][category] = len(where) - len(picks)
                 for j in picks:
                     piece, offset = where[j]
+                    if piece not in handles and len(handles) >= 64:  # a sample jumps between pieces: few open
+                        for h in handles.values():
+                            h.close()
+                        handles.clear()
                     src = handles.get(piece) or handles.setdefault(piece, open(piece_files(pre_dir, piece)[0], "rb"))
                     src.seek(offset)
                     rec = json.loads(src.readline())
@@ -128,14 +132,15 @@ def _write_sample(pieces: list[Piece], markers: list[dict[str, Any]], pre_dir: P
     finally:
         for h in handles.values():
             h.close()
-    return Plan(n, shard_windows, starts, [str(out)], {}, [], kind="windows")
+    return Plan(n, shard_windows, starts, [str(out.relative_to(out.parent))], {}, [], kind="sample")
 
 
 def iter_piece_shard(plan: Plan, shard: int) -> Iterator[dict[str, Any]]:
-    """The windows of one shard of a ``pieces`` plan, numbered as they are read."""
+    """The windows of one shard of a ``pieces`` plan, numbered as they are read (of a ``sample`` plan: the
+    sampled ``windows.jsonl``, numbered already)."""
     start = plan.starts[shard]
     count = min(plan.shard_windows, plan.n_windows - shard * plan.shard_windows)
-    counters = Counter(start["counters"])
+    counters = Counter(start.get("counters", {}))
     n = 0
     for i in range(start["path"], len(plan.sources)):
         with open(plan.sources[i], "rb") as f:
@@ -143,7 +148,8 @@ def iter_piece_shard(plan: Plan, shard: int) -> Iterator[dict[str, Any]]:
                 f.seek(start["offset"])
             for raw in f:
                 rec = json.loads(raw)
-                yield {"data_id": next_id(plan.id_prefix, rec["category"], counters), **rec}
+                yield rec if plan.kind == "sample" else {"data_id": next_id(plan.id_prefix, rec["category"], counters),
+                                                         **rec}
                 n += 1
                 if n == count:
                     return

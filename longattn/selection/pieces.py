@@ -37,7 +37,7 @@ from typing import IO, Any
 from longattn.common.io import InputRecord, is_gzip, iter_file, write_json
 from longattn.selection.config import DataConfig, WindowConfig
 from longattn.selection.progress import Progress
-from longattn.selection.windows import PreprocessStats, located_documents, write_windows
+from longattn.selection.windows import PreprocessStats, documents_of, write_windows
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Piece:
     end: int = -1
     """Byte offset after its last line; -1 = to the end of the file."""
     line: int = 1
-    """Line number of its first line (error messages and ``source_line`` name true lines)."""
+    """Line number of its first line (error messages and ``file:line`` source ids name true lines)."""
     size: int = 0
     """Bytes on disk (balancing and ETA)."""
 
@@ -114,7 +114,7 @@ def load_pieces(pre_dir: Path, paths: list[str], piece_mb: float, rank: int,
         t0 = time.perf_counter()
         pieces = plan_pieces(list(paths), piece_bytes)
         write_json(path, {"piece_bytes": piece_bytes, "pieces": [asdict(p) for p in pieces]})
-        log.info("inputs cut into %d pieces of about %.0f MB (%.1f s)", len(pieces), piece_mb, time.perf_counter() - t0)
+        log.info("inputs cut into %d pieces of about %g MB (%.1f s)", len(pieces), piece_mb, time.perf_counter() - t0)
     else:
         wait(path.exists, f"rank 0 to cut the inputs into pieces ({path})")
     saved = json.loads(path.read_text())
@@ -222,7 +222,7 @@ def preprocess_piece(piece: Piece, data: DataConfig, window: WindowConfig, token
 
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     with _private_writer(out) as f:
-        index = write_windows(located_documents(_piece_records(piece, position), data, stats), tokenizer, window,
+        index = write_windows(documents_of(_piece_records(piece, position), data, stats), tokenizer, window,
                               f, stats, on_document)
     done = {**stats.to_dict(), "piece": piece.index, "rank": rank, "bytes": piece.size,
             "seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - cpu0,

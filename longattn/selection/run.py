@@ -17,18 +17,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from longattn.common.distributed import resolve_rank
 from longattn.common.io import JsonlAppender, write_json
 from longattn.common.lock import OutDirLock
 from longattn.common.memory import peak_rss_mb, track_peak_memory
+from longattn.common.tracking import MetricsLogger
 from longattn.selection.config import SelectRunConfig
 from longattn.selection.dataset import write_dataset
 from longattn.selection.fingerprints import check_fingerprint, open_run
-from longattn.selection.merge import merge_outputs, shard_path
+from longattn.selection.merge import cost_metrics, merge_outputs, shard_path
+from longattn.selection.numbering import number_windows
+from longattn.selection.pieces import (
+    assign_pieces,
+    load_pieces,
+    pieces_done,
+    preprocess_pieces,
+    remove_temporaries,
+)
+from longattn.selection.progress import LOG_SECONDS, LazyLogger, Progress, TotalsLogger, per_rank_status
 from longattn.selection.scorers import Scorer
-from longattn.selection.shards import MergeMode, Plan, my_shards
+from longattn.selection.shards import MergeMode, Plan, Stage, my_shards
 from longattn.selection.sources import iter_shard, plan_windows
 from longattn.selection.summary import input_report
 
@@ -65,46 +73,47 @@ def _run_select(cfg: SelectRunConfig, rank: int, world: int, on_checked: Callabl
     shards_dir = out_dir / "shards"
     guard = open_run(cfg, out_dir, rank, on_checked)
     shards_dir.mkdir(parents=True, exist_ok=True)
-    plan_path = shards_dir / "plan.json"
-    if rank == 0:
-        _preprocess_once(cfg, out_dir)
-        if not plan_path.exists():
-            plan_windows(cfg.data, out_dir, cfg.shard.windows).save(plan_path)
-        guard.inputs_read()
-    else:
-        cfg.shard.wait(plan_path.exists, f"rank 0 to plan the shards ({plan_path})")
-    plan = Plan.load(plan_path)
-    if cfg.shard.merge != MergeMode.only:
-        _score_shards(cfg, plan, shards_dir, rank, world)
-    if not (rank == 0 and cfg.shard.merge == MergeMode.auto) and cfg.shard.merge != MergeMode.only:
-        log.info("rank %d/%d: my shards are done; rank 0 merges", rank, world)
-        return SelectResult(out_dir, None)
-    missing = lambda: [s for s in range(plan.n_shards) if not shard_path(shards_dir, s).exists()]  # noqa: E731
-    if cfg.shard.merge == MergeMode.only and missing():
-        raise RuntimeError(f"shard.merge=only but shards {missing()[:20]} of {plan.n_shards} are not scored yet")
-    cfg.shard.wait(lambda: not missing(), "the other ranks' shards")
-    guard.check_unchanged()
-    pre = _preprocess_stats(cfg, out_dir)
-    metrics = merge_outputs(cfg, plan, out_dir, shards_dir, pre)
-    metrics.update(input_report(cfg, pre, plan, metrics))
-    write_json(out_dir / "metrics.json", metrics)
-    if cfg.dataset.enabled:  # the kept windows as Parquet + a dataset card (longattn.selection.dataset)
-        write_dataset(cfg, out_dir, metrics)
-    _log_run(cfg, out_dir, metrics)
+    # rank 0 logs progress of every rank to metrics.jsonl / W&B as the run goes, and the results at the end
+    logger = LazyLogger(lambda: MetricsLogger(out_dir, cfg.wandb, job_type="select", config=asdict(cfg))) \
+        if rank == 0 or cfg.shard.merge == MergeMode.only else None
+    try:
+        plan = _plan(cfg, out_dir, rank, world, guard, logger)
+        if plan is None:
+            log.info("rank %d/%d: stage=preprocess: my pieces are pre-processed", rank, world)
+            return SelectResult(out_dir, None)
+        if cfg.shard.merge != MergeMode.only:
+            _score_shards(cfg, plan, shards_dir, rank, world, logger)
+        if not (rank == 0 and cfg.shard.merge == MergeMode.auto) and cfg.shard.merge != MergeMode.only:
+            log.info("rank %d/%d: my shards are done; rank 0 merges", rank, world)
+            return SelectResult(out_dir, None)
+        _wait_for_shards(cfg, plan, shards_dir, world, logger)
+        if not cfg.data.preprocessed:  # nothing can be pre-processing now: drop half pieces of killed ranks
+            remove_temporaries(out_dir / "preprocess")
+        guard.check_unchanged()
+        pre = _preprocess_stats(cfg, out_dir)
+        metrics = merge_outputs(cfg, plan, out_dir, shards_dir, pre)
+        metrics.update(input_report(cfg, pre, plan, metrics))
+        write_json(out_dir / "metrics.json", metrics)
+        if cfg.dataset.enabled:  # the kept windows as Parquet + a dataset card (longattn.selection.dataset)
+            write_dataset(cfg, out_dir, metrics)
+        _log_run(cfg, out_dir, metrics, logger)
+    finally:
+        if logger is not None:
+            logger.close()
     return SelectResult(out_dir, metrics, {n: out_dir / n for n in OUTPUTS if (out_dir / n).exists()})
 
 
-def _log_run(cfg: SelectRunConfig, out_dir: Path, metrics: dict[str, Any]) -> None:
-    """metrics.jsonl always; with wandb.enabled also W&B: summary numbers, score histograms, the selection."""
+def _log_run(cfg: SelectRunConfig, out_dir: Path, metrics: dict[str, Any], lazy: LazyLogger) -> None:
+    """metrics.jsonl always; with wandb.enabled also W&B: summary numbers, cost, score histograms, the selection."""
     from longattn.common.io import read_jsonl
-    from longattn.common.tracking import MetricsLogger
 
-    logger = MetricsLogger(out_dir, cfg.wandb, job_type="select", config=asdict(cfg))
+    logger = lazy.get()
     flat = {f"select/{cat}/{k}": v for cat, c in metrics["categories"].items() for k, v in c.items()
             if isinstance(v, int | float)}
     flat.update({"select/windows": metrics["windows"], "select/kept": metrics["counts"]["kept"],
                  "select/score_seconds": metrics["score_seconds"],
                  "select/windows_per_s": metrics["windows_per_second"] or 0.0})
+    flat.update(cost_metrics(metrics.get("cost", {})))
     logger.log(flat)
     logger.summary(flat)
     if logger.run is not None:
@@ -114,24 +123,70 @@ def _log_run(cfg: SelectRunConfig, out_dir: Path, metrics: dict[str, Any]) -> No
                 cols.setdefault(f"select/{r['category']}/{key}", []).append(r[key])
         logger.histograms(cols)
         logger.artifact(out_dir / "selected.jsonl", f"selected-{cfg.scorer.name}-{cfg.model.name}", "dataset")
-    logger.close()
 
 
-# --- pre-processing -----------------------------------------------------------------------------------
-def _preprocess_once(cfg: SelectRunConfig, out_dir: Path) -> None:
-    """Rank 0 writes windows.jsonl, then preprocess.json (the completion marker, with the counters)."""
-    marker = out_dir / "preprocess.json"
-    if cfg.data.preprocessed:
-        return
-    if marker.exists() and (out_dir / "windows.jsonl").exists():
-        log.info("pre-processing already done (%s): skipping", marker)
-        return
+# --- pre-processing and the plan ----------------------------------------------------------------------
+def _plan(cfg: SelectRunConfig, out_dir: Path, rank: int, world: int, guard: Any,
+          logger: LazyLogger | None) -> Plan | None:
+    """Pre-process this rank's pieces, then (after every rank's) the shard plan that rank 0 writes once;
+    None with ``stage=preprocess`` (this rank's pieces are done, nothing else is wanted of it)."""
+    plan_path = out_dir / "shards" / "plan.json"
+    if not cfg.data.preprocessed and not plan_path.exists():
+        _preprocess(cfg, out_dir, rank, world, logger)
+    if cfg.stage == Stage.preprocess:
+        return None
+    if rank == 0:
+        if not plan_path.exists():
+            _build_plan(cfg, out_dir).save(plan_path)
+        guard.inputs_read()
+    else:
+        cfg.shard.wait(plan_path.exists, f"rank 0 to plan the shards ({plan_path})")
+    return Plan.load(plan_path)
+
+
+def _preprocess(cfg: SelectRunConfig, out_dir: Path, rank: int, world: int, logger: LazyLogger | None) -> None:
+    """This rank's pieces (``longattn.selection.pieces``); with ``stage=all`` then wait for every rank's."""
     from longattn.common.models import load_tokenizer
-    from longattn.selection.windows import preprocess
 
-    t0 = time.perf_counter()
-    stats = preprocess(cfg.data, cfg.window, load_tokenizer(cfg.model), out_dir)
-    write_json(marker, {**stats.to_dict(), "seconds": time.perf_counter() - t0})
+    pre_dir = out_dir / "preprocess"
+    pieces = load_pieces(pre_dir, list(cfg.data.paths), cfg.shard.piece_mb, rank, cfg.shard.wait)
+    owner = assign_pieces(pieces, world)
+    totals = TotalsLogger(logger, pre_dir, "preprocess", world, sum(p.size for p in pieces)) if logger else None
+    status = lambda: per_rank_status(pieces_done(pre_dir, pieces), owner, world, "pieces")  # noqa: E731
+    wait = None if cfg.stage == Stage.preprocess else \
+        (lambda ready: _wait_reporting(cfg, ready, status, "the other ranks' pieces", totals))
+    preprocess_pieces(pieces, owner, rank, world, cfg.data, cfg.window, lambda: load_tokenizer(cfg.model), pre_dir,
+                      log_every=cfg.log_every, on_report=totals, wait=wait)
+    log.info("%s", status())
+
+
+def _build_plan(cfg: SelectRunConfig, out_dir: Path) -> Plan:
+    """Rank 0: number the pre-processed windows (and write ``preprocess.json``), or scan the user's windows."""
+    if cfg.data.preprocessed:
+        return plan_windows(cfg.data, out_dir, cfg.shard.windows)
+    pre_dir = out_dir / "preprocess"
+    pieces = load_pieces(pre_dir, list(cfg.data.paths), cfg.shard.piece_mb, 0, cfg.shard.wait)
+    plan, stats = number_windows(pieces, pre_dir, cfg.window, cfg.shard.windows, out_dir)
+    write_json(out_dir / "preprocess.json", stats)
+    return plan
+
+
+def _wait_reporting(cfg: SelectRunConfig, ready: Callable[[], bool], status: Callable[[], str], what: str,
+                    totals: TotalsLogger | None) -> None:
+    """Wait for ``ready()``, logging ``status()`` (units done per rank) and rank 0's totals every minute."""
+    last = [time.monotonic()]
+
+    def check() -> bool:
+        if ready():
+            return True
+        if time.monotonic() - last[0] >= LOG_SECONDS:
+            log.info("waiting for %s: %s", what, status())
+            if totals is not None:
+                totals()
+            last[0] = time.monotonic()
+        return False
+
+    cfg.shard.wait(check, what)
 
 
 def _preprocess_stats(cfg: SelectRunConfig, out_dir: Path) -> dict[str, Any]:
@@ -140,19 +195,41 @@ def _preprocess_stats(cfg: SelectRunConfig, out_dir: Path) -> dict[str, Any]:
 
 
 # --- scoring ------------------------------------------------------------------------------------------
-def _score_shards(cfg: SelectRunConfig, plan: Plan, shards_dir: Path, rank: int, world: int) -> None:
-    todo = [s for s in my_shards(plan.n_shards, rank, world) if not shard_path(shards_dir, s).exists()]
+def _shard_size(plan: Plan, shard: int) -> int:
+    return min(plan.shard_windows, plan.n_windows - shard * plan.shard_windows)
+
+
+def _score_shards(cfg: SelectRunConfig, plan: Plan, shards_dir: Path, rank: int, world: int,
+                  logger: LazyLogger | None) -> None:
+    mine = my_shards(plan.n_shards, rank, world)
+    todo = [s for s in mine if not shard_path(shards_dir, s).exists()]
     if not todo:
         return
     from longattn.selection.scorers import build_scorer
 
     scorer = build_scorer(cfg.scorer, cfg.model, cfg.window.length)
     _record_rank(shards_dir, rank, scorer)  # at load, so a rank killed later still reports its device
-    n_mine = sum(min(plan.shard_windows, plan.n_windows - s * plan.shard_windows) for s in todo)
-    with tqdm(total=n_mine, desc=f"score rank {rank}/{world}", unit="win", mininterval=2.0, disable=None) as bar:
-        for s in todo:
-            _score_shard(cfg, plan, s, shards_dir, scorer, bar)
+    totals = TotalsLogger(logger, shards_dir, "score", world, plan.n_windows) if logger is not None else None
+    progress = Progress("score", rank, world, total=sum(_shard_size(plan, s) for s in mine),
+                        done_before=sum(_shard_size(plan, s) for s in mine if s not in todo),
+                        log_every=cfg.log_every, snapshot_dir=shards_dir, on_report=totals)
+    for s in todo:
+        _score_shard(cfg, plan, s, shards_dir, scorer, progress)
+    progress.close()
     _record_rank(shards_dir, rank, scorer)  # again at the end, with the scoring's peak memory
+
+
+def _wait_for_shards(cfg: SelectRunConfig, plan: Plan, shards_dir: Path, world: int,
+                     logger: LazyLogger | None) -> None:
+    """The merging rank waits for every shard, reporting shards done per rank; ``only`` names the missing."""
+    done = lambda: [shard_path(shards_dir, s).exists() for s in range(plan.n_shards)]  # noqa: E731
+    if cfg.shard.merge == MergeMode.only and not all(flags := done()):
+        missing = [s for s, d in enumerate(flags) if not d]
+        raise RuntimeError(f"shard.merge=only but shards {missing[:20]} of {plan.n_shards} are not scored yet")
+    totals = TotalsLogger(logger, shards_dir, "score", world, plan.n_windows) if logger is not None else None
+    status = lambda: per_rank_status(done(), [s % world for s in range(plan.n_shards)], world, "shards")  # noqa: E731
+    _wait_reporting(cfg, lambda: all(done()), status, "the other ranks' shards", totals)
+    log.info("merging: %s", status())
 
 
 def _record_rank(shards_dir: Path, rank: int, scorer: Scorer) -> None:
@@ -186,20 +263,34 @@ def _prepared(scorer: Scorer, batches: Iterator[list[dict[str, Any]]]) -> Iterat
             yield pending[0], pending[1].result()
 
 
-def _score_shard(cfg: SelectRunConfig, plan: Plan, shard: int, shards_dir: Path, scorer: Scorer, bar: tqdm) -> None:
+PLACE_KEYS = ("source_id", "doc_tokens", "token_start", "token_end")
+"""Where a window comes from, copied into its score row: the merge's overlap policy reads them there."""
+
+
+def _placed(rows: list[dict[str, Any]], batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    where = {w["data_id"]: w for w in batch}
+    for r in rows:
+        w = where.get(r["data_id"], {})
+        r.update({k: w[k] for k in PLACE_KEYS if k in w and k not in r})
+    return rows
+
+
+def _score_shard(cfg: SelectRunConfig, plan: Plan, shard: int, shards_dir: Path, scorer: Scorer,
+                 progress: Progress) -> None:
     """Score one shard into its journal; rename it when complete (the completion marker)."""
     journal = JsonlAppender(shard_path(shards_dir, shard, "partial.jsonl"))
     clock = shard_path(shards_dir, shard, "timing.json")
     timing = json.loads(clock.read_text()) if clock.exists() and journal.done else {"score_seconds": 0.0, "windows": 0}
-    bar.update(len(journal.done))
+    timing.update(rank=progress.rank, device=scorer.device)  # the cost table groups shards by rank and device
+    progress.resumed(len(journal.done))
     todo = (w for w in iter_shard(plan, shard, cfg.data) if w["data_id"] not in journal.done)
     for batch, prepared in _prepared(scorer, _batches(todo, cfg.scorer.batch_size)):
         t0 = time.perf_counter()
-        rows = scorer.score(batch, prepared)
+        rows = _placed(scorer.score(batch, prepared), batch)
         timing["score_seconds"] += time.perf_counter() - t0
         timing["windows"] += len(rows)
         journal.write_many(rows)
         write_json(clock, timing)  # cost survives restarts, so metrics.json reports the whole run
-        bar.update(len(rows))
+        progress.advance(len(rows), len(rows), sum(int(r.get("n_tokens") or 0) for r in rows))
     journal.close()
     os.replace(journal.path, shard_path(shards_dir, shard))

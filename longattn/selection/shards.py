@@ -97,9 +97,9 @@ class Plan:
     notes: dict[str, Any] = field(default_factory=dict)
     """What reading the sources repaired or could not read (``InputNotes.to_dict``)."""
     kind: str = "windows"
-    """``windows``: sources are window files with ids (user windows or a sampled ``windows.jsonl``);
-    ``pieces``: sources are pre-processing pieces (paths relative to out_dir, so a run directory can move),
-    numbered while read (``id_prefix``, per-start ``counters``)."""
+    """``windows``: the user's window files (``data.preprocessed``), checked as read; ``pieces``: this stage's
+    pre-processing pieces, numbered while read (``id_prefix``, per-start ``counters``); ``sample``: the
+    sampled ``windows.jsonl`` (``window.sample_size``). The last two are named relative to out_dir."""
     id_prefix: str = ""
     """``window.id_prefix`` of a ``pieces`` plan."""
 
@@ -113,7 +113,7 @@ class Plan:
     @classmethod
     def load(cls, path: Path) -> Plan:
         plan = cls(**json.loads(path.read_text()))
-        if plan.kind == "pieces":  # pieces are named relative to out_dir (plan.json is out_dir/shards/plan.json)
+        if plan.kind != "windows":  # named relative to out_dir (plan.json is out_dir/shards/plan.json)
             plan.sources = [str(path.parent.parent / s) for s in plan.sources]
         return plan
 

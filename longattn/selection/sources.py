@@ -83,6 +83,11 @@ def plan_windows(data: DataConfig, out_dir: Path, shard_windows: int) -> Plan:
 
 def iter_shard(plan: Plan, shard: int, data: DataConfig) -> Iterator[dict[str, Any]]:
     """The windows of one shard, read from where the plan says it starts."""
+    if plan.kind != "windows":  # the stage's own pre-processed windows (longattn.selection.numbering)
+        from longattn.selection.numbering import iter_piece_shard
+
+        yield from iter_piece_shard(plan, shard)
+        return
     start = plan.starts[shard]
     count = min(plan.shard_windows, plan.n_windows - shard * plan.shard_windows)
     skip = {(s, line) for s, line in plan.skip_lines}

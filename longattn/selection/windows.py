@@ -6,21 +6,20 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import random
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from longattn.common.io import InputRecord, atomic_writer, iter_records
+from longattn.common.io import InputRecord, iter_records
 from longattn.selection.config import DataConfig, WindowConfig
 from longattn.selection.records import InputNotes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["slide_windows", "Document", "PreprocessStats", "documents", "preprocess"]
+__all__ = ["slide_windows", "Document", "PreprocessStats", "documents", "documents_of", "window_record",
+           "window_line", "write_windows"]
 
 
 def slide_windows(n: int, w: int) -> list[tuple[int, int]]:
@@ -133,6 +132,9 @@ def documents(cfg: DataConfig, stats: PreprocessStats) -> Iterator[Document]:
 # --- tokenisation workers -------------------------------------------------------------------------
 _TOKENIZER = None
 
+Cut = tuple[int, list[tuple[int, int]], list[str]]
+"""(document tokens, window spans [start, end) in the document's tokens, window texts)."""
+
 
 def _init_worker(tokenizer: Any) -> None:
     global _TOKENIZER
@@ -140,7 +142,7 @@ def _init_worker(tokenizer: Any) -> None:
     _TOKENIZER = tokenizer
 
 
-def _window_batch(args: tuple[list[str], int]) -> list[tuple[int, list[str]]]:
+def _window_batch(args: tuple[list[str], int]) -> list[Cut]:
     """Tokenise documents (no BOS), cut windows, decode them back to text as the reference stores them."""
     texts, w = args
     tok = _TOKENIZER
@@ -148,7 +150,7 @@ def _window_batch(args: tuple[list[str], int]) -> list[tuple[int, list[str]]]:
     out = []
     for ids in tok(texts, add_special_tokens=False)["input_ids"]:
         spans = slide_windows(len(ids), w)
-        out.append((len(ids), tok.batch_decode([ids[a:b] for a, b in spans]) if spans else []))
+        out.append((len(ids), spans, tok.batch_decode([ids[a:b] for a, b in spans]) if spans else []))
     return out
 
 
@@ -158,14 +160,13 @@ def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield batch
 
 
-def _windowed(docs: Iterable[Document], tokenizer: Any, cfg: WindowConfig) -> Iterator[tuple[Document, int, list[str]]]:
-    """(document, n_tokens, window texts), in input order; tokenised by a pool of processes."""
+def _windowed(docs: Iterable[Document], tokenizer: Any, cfg: WindowConfig) -> Iterator[tuple[Document, Cut]]:
+    """(document, its cut), in input order; tokenised by a pool of ``window.workers`` processes."""
     batches = _batches(docs, cfg.batch_docs)
     if cfg.workers <= 1:
         _init_worker(tokenizer)
         for b in batches:
-            for d, (n, ws) in zip(b, _window_batch(([d.text for d in b], cfg.length)), strict=True):
-                yield d, n, ws
+            yield from zip(b, _window_batch(([d.text for d in b], cfg.length)), strict=True)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
@@ -179,70 +180,52 @@ def _windowed(docs: Iterable[Document], tokenizer: Any, cfg: WindowConfig) -> It
             yield from _drain_one(inflight)
 
 
-def _drain_one(inflight: deque) -> Iterator[tuple[Document, int, list[str]]]:
+def _drain_one(inflight: deque) -> Iterator[tuple[Document, Cut]]:
     b, res = inflight.popleft()
-    for d, (n, ws) in zip(b, res.get(), strict=True):
-        yield d, n, ws
+    yield from zip(b, res.get(), strict=True)
 
 
-def _window_record(doc: Document, text: str, index: int, n_tokens: int, w: int) -> dict[str, Any]:
-    return {"content": text, "category": doc.category, "source_id": doc.source_id,
-            "window_index": index, "n_tokens": w, "doc_tokens": n_tokens}
+# --- window records -------------------------------------------------------------------------------
+def documents_of(records: Iterable[InputRecord], cfg: DataConfig, stats: PreprocessStats) -> Iterator[Document]:
+    """Readable documents of some records (one pre-processing piece); the rest counted in ``stats``, as
+    ``documents`` does for all of ``data.paths``."""
+    for rec in records:
+        doc = _to_document(rec, cfg, stats)
+        if doc is not None:
+            yield doc
+    stats.notes.log_summary()
 
 
-def _line(rec: dict[str, Any]) -> bytes:
+def window_record(doc: Document, text: str, index: int, span: tuple[int, int], doc_tokens: int,
+                  w: int) -> dict[str, Any]:
+    """A window before numbering; ``token_start``/``token_end`` place it in its document's tokens (no BOS):
+    tokenising the document and decoding that range gives ``content``."""
+    return {"content": text, "category": doc.category, "source_id": doc.source_id, "window_index": index,
+            "token_start": span[0], "token_end": span[1], "n_tokens": w, "doc_tokens": doc_tokens}
+
+
+def window_line(rec: dict[str, Any]) -> bytes:
+    """One JSON Lines row as every window file of the stage writes it (UTF-8, not ASCII-escaped)."""
     return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _format_id(prefix: str, category: str, counters: Counter) -> str:
-    p = prefix.format(category=category)
-    counters[p] += 1
-    return p + str(counters[p]).zfill(7)
-
-
-def preprocess(data: DataConfig, window: WindowConfig, tokenizer: Any, out_dir: Path) -> PreprocessStats:
-    """Write ``windows.jsonl`` (reference format + category, source_id, n_tokens) atomically."""
-    stats = PreprocessStats()
+def write_windows(docs: Iterable[Document], tokenizer: Any, window: WindowConfig, out: BinaryIO,
+                  stats: PreprocessStats,
+                  on_document: Callable[[int, int], None] | None = None) -> list[tuple[int, str]]:
+    """Cut ``docs`` by Algorithm 1 into windows written to ``out`` in input order, without ``data_id`` (the
+    numbering pass adds it). Returns each window's (byte offset in ``out``, category); ``on_document``
+    gets (windows, tokens) of every document, for progress."""
     w = window.length
-    sampling = window.sample_size is not None
-    target = out_dir / ("windows.raw.jsonl" if sampling else "windows.jsonl")
-    offsets: dict[str, list[int]] = {}
-    counters: Counter = Counter()
-    with atomic_writer(target, "wb") as f:
-        for doc, n, texts in _windowed(documents(data, stats), tokenizer, window):
-            stats.tokens_in[doc.category] += n
-            if not texts:
-                stats.skipped["exact_window" if n == w else "too_short"] += 1
-                continue
-            for i, text in enumerate(texts):
-                rec = _window_record(doc, text, i, n, w)
-                if sampling:
-                    offsets.setdefault(doc.category, []).append(f.tell())
-                else:
-                    rec = {"data_id": _format_id(window.id_prefix, doc.category, counters), **rec}
-                f.write(_line(rec))
-                stats.windows[doc.category] += 1
-                stats.tokens_windows[doc.category] += w
-    if sampling:
-        _write_sample(target, offsets, window, out_dir / "windows.jsonl", stats)
-        target.unlink()
-    return stats
-
-
-def _write_sample(raw: Path, offsets: dict[str, list[int]], window: WindowConfig, out: Path,
-                  stats: PreprocessStats) -> None:
-    """The reference's ``random.sample`` with seed 12, per category, streamed through byte offsets.
-
-    ``random.sample`` draws indices from the population size only, so sampling ``range(n)`` picks the
-    same windows, in the same order, as sampling the list of windows itself.
-    """
-    counters: Counter = Counter()
-    with open(raw, "rb") as src, atomic_writer(out, "wb") as f:
-        for category, offs in offsets.items():
-            k = window.sample_size or 0
-            picks = range(len(offs)) if k >= len(offs) else random.Random(window.sample_seed).sample(range(len(offs)), k)
-            stats.sampled_out[category] = len(offs) - len(picks)
-            for j in picks:
-                src.seek(offs[j])
-                rec = json.loads(src.readline())
-                f.write(_line({"data_id": _format_id(window.id_prefix, category, counters), **rec}))
+    index: list[tuple[int, str]] = []
+    for doc, (n, spans, texts) in _windowed(docs, tokenizer, window):
+        stats.tokens_in[doc.category] += n
+        if not texts:
+            stats.skipped["exact_window" if n == w else "too_short"] += 1
+        for i, (span, text) in enumerate(zip(spans, texts, strict=True)):
+            index.append((out.tell(), doc.category))
+            out.write(window_line(window_record(doc, text, i, span, n, w)))
+            stats.windows[doc.category] += 1
+            stats.tokens_windows[doc.category] += w
+        if on_document is not None:
+            on_document(len(texts), n)
+    return index
