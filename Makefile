@@ -25,7 +25,7 @@ $(VENV)/.all: $(VENV)/.base
 install: $(VENV)/.base
 install-all: $(VENV)/.all
 
-# The whole job on the sample corpus (a few minutes on 2 CPU cores): LongAttn, ProLong and Random selections
+# The whole job on the sample corpus (~4 min on 2 CPU cores after the install): LongAttn, ProLong and Random selections
 # with SmolLM2-135M, the selection-quality probe, a tiny LLaMA trained on each selection, RULER, the tables.
 # W&B runs are written offline under $(OUT) (`wandb sync` them later).
 demo: $(VENV)/.all
