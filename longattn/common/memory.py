@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import psutil
 
-__all__ = ["peak_rss_mb", "tree_memory_mb", "track_peak_memory"]
+__all__ = ["peak_rss_mb", "sampled_peak_mb", "tree_memory_mb", "track_peak_memory"]
 
 _sampled_peak_mb = 0.0
 
@@ -35,11 +35,16 @@ def tree_memory_mb() -> float:
     return total / 2**20
 
 
+def sampled_peak_mb() -> float:
+    """The largest tree-wide sum that ``track_peak_memory`` has sampled so far, in MiB (0 before any)."""
+    return _sampled_peak_mb
+
+
 def peak_rss_mb() -> float:
     """The peak memory of this process tree so far, in MiB (see the module docstring)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return max(own, child, _sampled_peak_mb)
+    return max(own, child, sampled_peak_mb())
 
 
 @contextlib.contextmanager
