@@ -219,12 +219,16 @@ def test_refused_rerun_leaves_config_yaml_and_unknown_keys_are_refused(tmp_path,
     out = tmp_path / "run"
     assert cli(out, f"data.paths=[{corpus}]", tokenizer=tokenizer_dir).returncode == 0
     saved = (out / "config.yaml").read_bytes()
+    hydra_records = {p: p.read_bytes() for p in (out / ".hydra_run").rglob("config.yaml")}
     proc = cli(out, f"data.paths=[{corpus}]", "model.seed=1", tokenizer=tokenizer_dir)
     assert proc.returncode != 0 and "model.seed" in proc.stdout + proc.stderr
     write_jsonl(corpus, docs(3))
     proc = cli(out, f"data.paths=[{corpus}]", tokenizer=tokenizer_dir)
     assert proc.returncode != 0 and str(corpus) in proc.stdout + proc.stderr
     assert (out / "config.yaml").read_bytes() == saved
+    # Hydra's record of each attempt is its own folder: the refused ones overwrote nothing
+    assert len(hydra_records) == 1 and all(p.read_bytes() == b for p, b in hydra_records.items())
+    assert len(list((out / ".hydra_run").iterdir())) == 3
     proc = cli(tmp_path / "typo", f"data.paths=[{corpus}]", "+select.fracton=0.3", tokenizer=tokenizer_dir)
     assert proc.returncode != 0 and "select.fracton (did you mean select.fraction?)" in proc.stdout + proc.stderr
     assert not (tmp_path / "typo" / "config.yaml").exists()  # (Hydra's own .hydra_run log of the attempt aside)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +28,10 @@ if not OmegaConf.has_resolver("repo"):
 # ${billions:${tokens}} -> "5B": readable names of experiment points.
 if not OmegaConf.has_resolver("billions"):
     OmegaConf.register_new_resolver("billions", lambda x: f"{float(x) / 1e9:g}B")
+
+# ${pid:} -> this process's id: each attempt (and each rank of a job) gets its own Hydra log folder.
+if not OmegaConf.has_resolver("pid"):
+    OmegaConf.register_new_resolver("pid", lambda: os.getpid())
 
 # An absolute path: entry points must find conf/ from any working directory (and from installed scripts).
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
