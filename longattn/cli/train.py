@@ -10,6 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from longattn.common.distributed import env_rank
 from longattn.common.hydra_app import CONF_DIR, save_config, to_dataclass
 from train.config import (
     TrainRunConfig,
@@ -50,7 +51,7 @@ def main(cfg: DictConfig) -> None:
             save_config(cfg, data_dir(run_cfg), "prepare_config.yaml")
         run_prepare(run_cfg, launch_world_size(run_cfg))
         return
-    if int(os.environ.get("RANK", 0)) == 0:
+    if env_rank()[0] == 0:
         save_config(cfg, run_cfg.out_dir)
     from train.loop import run_train
 
