@@ -9,14 +9,15 @@ record count and the longest prompt in tokens.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from longattn.common.io import atomic_writer
 
 __all__ = ["FORMAT", "content_fingerprint", "digest", "fingerprint", "keyed_records", "read_sidecar",
            "tokenizer_fingerprint", "versions", "write_records"]
@@ -77,19 +78,6 @@ def versions() -> dict[str, Any]:
     return {"format": FORMAT, **{p: _version(p) for p in ("lm_eval", "transformers", "tokenizers", "datasets")}}
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[IO[str]]:
-    """Write ``path`` under a name of this process, then rename: jobs that make the same file at the same time
-    (a SLURM array sharing the cache) each write whole files, and the last rename wins."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -105,13 +93,13 @@ def write_records(path: Path, rows: Iterable[dict[str, Any]], key: dict[str, Any
                   count_tokens: Callable[[dict[str, Any]], int] | None = None) -> dict[str, Any]:
     """JSON Lines written atomically, then the sidecar (written last: its presence marks a whole file)."""
     n, longest = 0, 0
-    with _atomic(path) as f:
+    with atomic_writer(path, private=True) as f:  # a SLURM array may share the cache
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
             longest = max(longest, count_tokens(r) if count_tokens else 0)
     meta = {"key": key, "records": n, "max_tokens": longest}
-    with _atomic(sidecar(path)) as f:
+    with atomic_writer(sidecar(path), private=True) as f:
         json.dump(meta, f, indent=1, default=str)
     return json.loads(json.dumps(meta, default=str))
 

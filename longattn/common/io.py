@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import socket
 import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -296,15 +297,24 @@ def expand_inputs(paths: list[str], key: str = "data.paths") -> list[str]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO[str]]:
-    """Write to ``path.tmp`` and rename on success, so a killed run never leaves a half file."""
+def atomic_writer(path: str | Path, mode: str = "w", *, private: bool = False) -> Iterator[IO[Any]]:
+    """Write to a temporary name and rename on success, so a killed run never leaves a half file.
+
+    ``private``: the temporary name is this process's own (host and pid), for files several processes may
+    write at once with the same content (ranks making one piece, jobs sharing a cache): each writes a whole
+    file, never another's half one, and the last rename wins.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp" if private else f"{path.name}.tmp")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class JsonlAppender:

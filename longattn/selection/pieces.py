@@ -22,7 +22,6 @@ Nothing depends on the world size or on the piece size: ids and outputs are byte
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -32,9 +31,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from longattn.common.io import InputRecord, is_gzip, iter_file, write_json
+from longattn.common.io import InputRecord, atomic_writer, is_gzip, iter_file, write_json
 from longattn.selection.config import DataConfig, WindowConfig
 from longattn.selection.progress import Progress
 from longattn.selection.windows import PreprocessStats, documents_of, write_windows
@@ -157,18 +156,6 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-@contextlib.contextmanager
-def _private_writer(path: Path) -> Iterator[IO[bytes]]:
-    """Write ``path`` through a temporary name of this process's own, renamed at the end: two ranks making
-    the same piece write identical bytes and never see each other's half file."""
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _claim_path(pre_dir: Path, index: int) -> Path:
     return pre_dir / f"piece-{index:05d}.claim"
 
@@ -221,13 +208,13 @@ def preprocess_piece(piece: Piece, data: DataConfig, window: WindowConfig, token
             beat[0] = time.monotonic()
 
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    with _private_writer(out) as f:
+    with atomic_writer(out, "wb", private=True) as f:  # two ranks may make one piece
         index = write_windows(documents_of(_piece_records(piece, position), data, stats), tokenizer, window,
                               f, stats, on_document)
     done = {**stats.to_dict(), "piece": piece.index, "rank": rank, "bytes": piece.size,
             "seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - cpu0,
             "offsets": [o for o, _ in index], "categories": [c for _, c in index]}
-    with _private_writer(marker) as f:
+    with atomic_writer(marker, "wb", private=True) as f:
         f.write((json.dumps(done) + "\n").encode())
     if progress is not None:
         progress.advance(piece.size - reported[0], 0, 0)
