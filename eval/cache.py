@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from longattn.common.io import atomic_writer
+from longattn.common.io import atomic_writer, json_digest
 
-__all__ = ["FORMAT", "content_fingerprint", "digest", "fingerprint", "keyed_records", "read_sidecar",
+__all__ = ["FORMAT", "content_fingerprint", "fingerprint", "keyed_records", "read_sidecar",
            "tokenizer_fingerprint", "versions", "write_records"]
 
 FORMAT = 2
@@ -62,10 +62,6 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> dict[str, Any]:
     return {"name": d.name, "sha256": h.hexdigest()}
 
 
-def digest(key: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
 def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg)
@@ -106,9 +102,9 @@ def write_records(path: Path, rows: Iterable[dict[str, Any]], key: dict[str, Any
 
 def keyed_records(stem: Path, key: dict[str, Any], build: Callable[[], Iterable[dict[str, Any]]],
                   count_tokens: Callable[[dict[str, Any]], int] | None = None) -> tuple[Path, dict[str, Any]]:
-    """``<stem>.<digest(key)>.jsonl``: reused when it and its sidecar exist, else built. Returns the path and
+    """``<stem>.<json_digest(key, 16)>.jsonl``: reused when it and its sidecar exist, else built. Returns the path and
     the sidecar (key, records, max_tokens)."""
-    path = stem.with_name(f"{stem.name}.{digest(key)}.jsonl")
+    path = stem.with_name(f"{stem.name}.{json_digest(key, 16)}.jsonl")
     meta = read_sidecar(path)
     if path.exists() and meta is not None and meta.get("key") == json.loads(json.dumps(key, default=str)):
         return path, meta

@@ -14,12 +14,12 @@ from typing import Any
 
 import yaml
 
-from eval.cache import digest, fingerprint, tokenizer_fingerprint, versions
+from eval.cache import fingerprint, tokenizer_fingerprint, versions
 from eval.config import EvalRunConfig, model_name, selected_tasks
 from eval.prepare import LeafTask, prepare, prepare_command
 from eval.results import categories, collect, flat_metrics, sample_rows
 from longattn.common.distributed import build_once, env_rank, wait_for
-from longattn.common.io import write_json
+from longattn.common.io import json_digest, write_json
 from longattn.common.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def prepare_key(run: EvalRunConfig) -> str:
         from eval import ruler
 
         key["punkt"] = ruler.punkt_available()
-    return digest(key, 64)
+    return json_digest(key, 64)
 
 
 def _data_files(task_dir: Path, leaves: list[LeafTask]) -> list[Path]:

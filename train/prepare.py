@@ -32,7 +32,7 @@ import torch
 
 from longattn.common.distributed import build_once
 from longattn.common.errors import ConfigError
-from longattn.common.io import write_json
+from longattn.common.io import json_digest, write_json
 from longattn.common.models import load_tokenizer
 from train.config import BosMode, TrainRunConfig, data_dir, short_sources
 from train.tokenize import TokenSpec
@@ -40,7 +40,6 @@ from train.units import (
     SHORT,
     WINDOWS,
     Input,
-    digest,
     merge_source,
     tokenize_share,
     unit_stats,
@@ -84,16 +83,16 @@ def inputs(cfg: TrainRunConfig, spec: TokenSpec, tok: Any) -> list[Input]:
     found = []
     if cfg.data.selected:
         path = str(Path(cfg.data.selected) / "selected.jsonl")
-        found.append(Input(WINDOWS, "selected", path, digest({**common, "kind": WINDOWS, **_fingerprint(path)})))
+        found.append(Input(WINDOWS, "selected", path, json_digest({**common, "kind": WINDOWS, **_fingerprint(path)})))
     for name, path in short_sources(cfg.data).items():
-        found.append(Input(SHORT, name, path, digest({**common, "kind": SHORT, **_fingerprint(path)})))
+        found.append(Input(SHORT, name, path, json_digest({**common, "kind": SHORT, **_fingerprint(path)})))
     return found
 
 
 def prepared_key(cfg: TrainRunConfig, ins: list[Input]) -> str:
     """What a prepared data directory was built for: inputs, mix, number of samples, margin and seed."""
     t = cfg.train
-    return digest({"inputs": [asdict(i) for i in ins], "weights": dict(cfg.data.weights),
+    return json_digest({"inputs": [asdict(i) for i in ins], "weights": dict(cfg.data.weights),
                     "samples": t.steps * t.global_batch_size, "seq_length": t.seq_length, "seed": t.seed,
                     "margin": cfg.data.prepare.short_margin, "preview": cfg.data.preview}, 16)
 

@@ -7,7 +7,6 @@ order only while the ones before hold fewer tokens than the mix needs (its budge
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -19,16 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from longattn.common.io import json_digest
 from train.config import TrainRunConfig
 from train.tokenize import TokenSpec, UnitTask, init_worker, iter_raw_records, safe_name, tokenize_unit
 
 log = logging.getLogger(__name__)
 
 WINDOWS, SHORT = "windows", "short"
-
-
-def digest(obj: Any, n: int = 12) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 @dataclass(frozen=True)
@@ -193,7 +189,7 @@ def merge_source(name: str, inp: Input, root: Path, markers: list[dict[str, Any]
 
     part = "" if inp.kind == SHORT else name
     parts = [m for m in markers if part in m["outputs"]]
-    prefix = str(root / "merged" / f"{safe_name(name)}-{digest([inp.key, name, [m['k'] for m in parts]])}")
+    prefix = str(root / "merged" / f"{safe_name(name)}-{json_digest([inp.key, name, [m['k'] for m in parts]])}")
     if not Path(prefix + ".ids").is_file():
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{prefix}.tmp{os.getpid()}"

@@ -26,7 +26,7 @@ from typing import IO, Any
 log = logging.getLogger(__name__)
 
 __all__ = ["InputRecord", "InputError", "INPUT_SUFFIXES", "expand_inputs", "iter_records", "iter_file", "is_gzip", "file_digest", "open_text",
-           "atomic_writer", "JsonlAppender", "read_jsonl", "write_json"]
+           "atomic_writer", "json_digest", "JsonlAppender", "read_jsonl", "write_json"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _BOM = b"\xef\xbb\xbf"
@@ -78,6 +78,12 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 def _stat_key(path: str, st: os.stat_result) -> tuple[str, int, int]:
     return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+def json_digest(obj: Any, n: int = 12) -> str:
+    """The first ``n`` hex digits of the SHA-256 of ``obj`` as canonical JSON (sorted keys): a cache or
+    completion key that changes exactly when what it describes does."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 def file_digest(path: str | Path) -> str:

@@ -10,9 +10,7 @@ launchers (torchrun, SLURM) work as they do alone.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import logging
 import os
 import subprocess
@@ -25,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from longattn.common.hydra_app import CONF_DIR
-from longattn.common.io import write_json
+from longattn.common.io import json_digest, write_json
 from longattn.common.tracking import WandbConfig
 
 log = logging.getLogger(__name__)
@@ -155,10 +153,6 @@ def _compose(app: StageApp, overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def plan_point(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """Stages in order with their overrides (inputs linked to upstream outputs) and content-addressed dirs."""
     steps: list[dict[str, Any]] = []
@@ -170,7 +164,7 @@ def plan_point(cfg: PipelineConfig) -> list[dict[str, Any]]:
         links = {key: str(Path(upstream[src]) / rel) if rel else upstream[src]
                  for key, (src, rel) in app.inputs.items() if src in upstream}
         overrides = _overrides({**scfg.overrides, **links})
-        key = _digest({"stage": stage, "config": _compose(app, overrides)})
+        key = json_digest({"stage": stage, "config": _compose(app, overrides)})
         out_dir = str(Path(cfg.root) / f"{stage}-{key}")
         upstream[stage] = out_dir
         steps.append({"stage": stage, "out_dir": out_dir, "overrides": overrides,
